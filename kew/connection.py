@@ -1,0 +1,84 @@
+"""Choosing the server and opening connections to it.
+
+The URL is, in order: the `redis_url` argument, `KEW_REDIS_URL`, or else the
+embedded server (kew.server). redis-py's own retries are turned off: a retried
+FCALL whose first reply was lost would run twice, and kew's write paths decide
+for themselves what is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kew.errors import ConfigurationError, ServerVersionError
+from kew.functions import translate_redis_error
+
+__all__ = ["URL_ENV", "check_server", "make_client", "resolve_url"]
+
+URL_ENV = "KEW_REDIS_URL"
+_SCHEMES = ("redis", "rediss", "unix")
+MIN_VERSION = (7, 0)
+
+
+def resolve_url(redis_url: str | None) -> str | None:
+    """The URL to use, or None for the embedded server."""
+    url = redis_url if redis_url is not None else os.environ.get(URL_ENV) or None
+    if url is None:
+        return None
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        where = "redis_url" if redis_url is not None else URL_ENV
+        raise ConfigurationError(
+            f"{where}={url!r} is not a Redis URL: use redis://host:6379/0, "
+            "rediss://... for TLS, or unix:///path/to/socket."
+        )
+    return url
+
+
+def make_client(
+    url: str, *, max_connections: int = 100, blocking: bool = False
+) -> aioredis.Redis:
+    """A client with text replies and RESP2 reply shapes.
+
+    A blocking client (for XREADGROUP BLOCK) has one connection and no socket
+    timeout, so a long block is not mistaken for a dead server. Otherwise the
+    pool is capped and callers beyond the cap wait for a connection instead
+    of failing, as the earlier release's did.
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "protocol": 2,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if blocking:
+        options |= {"socket_timeout": None, "max_connections": 1}
+        return aioredis.Redis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=30, **options
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+async def check_server(client: aioredis.Redis) -> str:
+    """Ping the server and return its version; raise if it is too old."""
+    try:
+        info = cast(dict[str, Any], await client.info("server"))
+    except (rex.RedisError, OSError) as exc:
+        raise translate_redis_error(exc) from exc
+    version = str(info.get("valkey_version") or info.get("redis_version") or "0")
+    redis_version = str(info.get("redis_version", "0"))
+    numbers = tuple(int(p) for p in redis_version.split(".")[:2] if p.isdigit())
+    if numbers < MIN_VERSION:
+        raise ServerVersionError(
+            f"The server runs Redis {redis_version}; kew needs Redis 7.0+ or Valkey "
+            "7.2+ (for Redis Functions). Upgrade it, or leave KEW_REDIS_URL unset "
+            "to use the embedded server."
+        )
+    return version

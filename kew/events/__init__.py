@@ -1,0 +1,28 @@
+"""Events: the models, their stream encoding, and reading the log."""
+
+from kew.events.codec import decode, encode
+from kew.events.models import (
+    Event,
+    QueueConfigured,
+    TaskEvent,
+    TaskFailed,
+    TaskLost,
+    TaskReclaimed,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+
+__all__ = [
+    "Event",
+    "QueueConfigured",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskLost",
+    "TaskReclaimed",
+    "TaskStarted",
+    "TaskSubmitted",
+    "TaskSucceeded",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,150 @@
+"""Events: immutable facts in a queue's log, named in the past tense.
+
+A log entry's fields are flat, so `XRANGE` shows them plainly:
+
+    type      the event type, e.g. "task.started"
+    v         the schema version of this type
+    task_id   the task it concerns (absent for queue-level events)
+    prev      this task's previous event id: the per-task chain
+    attempt   the attempt it concerns, numbered from 1 (0 before the first)
+    actor     who wrote it: the submitter or the consumer's name
+    tp        the W3C traceparent of the task's creation context
+    data      everything else, as a JSON object
+
+In Python an event is one pydantic model per type, with the envelope and the
+fields of `data` side by side. Its time is the time in its entry id, which the
+Redis server's clock assigned when the event was appended.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "Event",
+    "QueueConfigured",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskLost",
+    "TaskReclaimed",
+    "TaskStarted",
+    "TaskSubmitted",
+    "TaskSucceeded",
+    "entry_time",
+    "entry_ms",
+]
+
+ENVELOPE = ("type", "v", "task_id", "prev", "attempt", "actor", "tp")
+
+
+def entry_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream entry id."""
+    return int(entry_id.partition("-")[0])
+
+
+def entry_time(entry_id: str) -> datetime:
+    """The server time a stream entry id carries, as an aware UTC datetime."""
+    return datetime.fromtimestamp(entry_ms(entry_id) / 1000, tz=UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event shares. An event of a type this version of kew
+    does not know is read as a plain `Event`, so old code can read new logs."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    VERSION: ClassVar[int] = 1
+
+    id: str
+    type: str
+    v: int = 1
+    task_id: str | None = None
+    prev: str | None = None
+    attempt: int = 0
+    actor: str | None = None
+    tp: str | None = None
+
+    @property
+    def time(self) -> datetime:
+        return entry_time(self.id)
+
+    @property
+    def ms(self) -> int:
+        return entry_ms(self.id)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id in `tp`, the key to this task's trace in Jaeger."""
+        if not self.tp:
+            return None
+        parts = self.tp.split("-")
+        return parts[1] if len(parts) == 4 else None
+
+
+class TaskEvent(Event):
+    task_id: str  # pyright: ignore[reportIncompatibleVariableOverride]
+
+
+class TaskSubmitted(TaskEvent):
+    type: Literal["task.submitted"] = "task.submitted"
+    name: str
+    task_type: str
+    priority: int
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+
+
+class TaskStarted(TaskEvent):
+    type: Literal["task.started"] = "task.started"
+    entry: str
+
+
+class TaskSucceeded(TaskEvent):
+    type: Literal["task.succeeded"] = "task.succeeded"
+    result: Any = None
+
+
+class TaskFailed(TaskEvent):
+    type: Literal["task.failed"] = "task.failed"
+    error: str
+    error_type: str | None = None
+
+
+class TaskReclaimed(TaskEvent):
+    """A live consumer took over an attempt whose consumer stopped renewing it."""
+
+    type: Literal["task.reclaimed"] = "task.reclaimed"
+    previous: str
+    entry: str
+    idle_ms: int = 0
+
+
+class TaskLost(Event):
+    """A ready entry that vanished from its stream while pending (trimmed or
+    deleted by hand). Its task id went with it; the entry id is all that is left."""
+
+    type: Literal["task.lost"] = "task.lost"
+    entry: str
+    stream: str
+
+
+class QueueConfigured(Event):
+    type: Literal["queue.configured"] = "queue.configured"
+    config: dict[str, Any]
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    model.model_fields["type"].default: model
+    for model in (
+        TaskSubmitted,
+        TaskStarted,
+        TaskSucceeded,
+        TaskFailed,
+        TaskReclaimed,
+        TaskLost,
+        QueueConfigured,
+    )
+}

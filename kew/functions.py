@@ -1,0 +1,105 @@
+"""The Redis Functions library: loading it, calling it, and translating errors.
+
+The library's name carries a digest of its source (`kew_<digest>`), and so do
+its functions' names. Two versions of kew can therefore run against one server
+side by side (a rolling deploy) without replacing each other's functions, and
+a changed library is never confused with an old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, NoReturn, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from kew.errors import (
+    ConnectionFailedError,
+    KewError,
+    ServerError,
+    ServerVersionError,
+)
+from kew.keys import GROUP
+
+logger = logging.getLogger(__name__)
+
+_TEMPLATE = resources.files("kew.lua").joinpath("kew.lua").read_text("utf-8")
+DIGEST = hashlib.sha1(_TEMPLATE.encode()).hexdigest()[:12]
+LIBRARY = f"kew_{DIGEST}"
+SOURCE = _TEMPLATE.replace("__LIB__", LIBRARY).replace("__GROUP__", GROUP)
+
+Redis = aioredis.Redis
+
+
+def function_name(short: str) -> str:
+    """The server-side name of one of the library's functions."""
+    return f"{LIBRARY}_{short}"
+
+
+async def load(client: Redis) -> None:
+    """Load the library (idempotent), or explain why the server cannot."""
+    try:
+        await client.function_load(SOURCE, replace=True)
+    except rex.ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            raise ServerVersionError(
+                "The server does not support Redis Functions (FUNCTION LOAD): kew "
+                "needs Redis 7.0+ or Valkey 7.2+. Point KEW_REDIS_URL at a newer "
+                "server, or leave it unset to use the embedded one."
+            ) from exc
+        raise translate_redis_error(exc) from exc
+    logger.debug("loaded Redis Functions library %s", LIBRARY)
+
+
+async def call(
+    client: Redis, short: str, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """FCALL one of the library's functions; load the library and retry once if
+    the server has lost it (a restart without persistence, a failover)."""
+    name = function_name(short)
+    try:
+        try:
+            return await client.fcall(name, len(keys), *keys, *args)
+        except rex.ResponseError as exc:
+            if "function not found" not in str(exc).lower():
+                raise
+            logger.info("Redis Functions library %s missing; loading it", LIBRARY)
+            await load(client)
+            return await client.fcall(name, len(keys), *keys, *args)
+    except (rex.RedisError, OSError) as exc:
+        raise translate_redis_error(exc) from exc
+
+
+def translate_redis_error(exc: BaseException) -> KewError:
+    """The one place a redis-py error becomes a kew error."""
+    if isinstance(exc, KewError):
+        return exc
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        return ConnectionFailedError(
+            f"Cannot reach the Redis server ({exc}). Check that it is running and "
+            "that the URL (redis_url or KEW_REDIS_URL) is right."
+        )
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
+        return ConnectionFailedError(
+            f"The Redis server refused kew's credentials ({exc}). Put the user and "
+            "password in the URL: redis://user:password@host:6379/0."
+        )
+    if isinstance(exc, rex.ResponseError) and str(exc).startswith("OOM"):
+        return ServerError(
+            f"The Redis server is out of memory ({exc}). kew needs "
+            "maxmemory-policy noeviction and enough memory for its log."
+        )
+    return ServerError(f"The Redis server answered with an error: {exc}")
+
+
+def raise_translated(exc: BaseException) -> NoReturn:
+    raise translate_redis_error(exc) from exc
+
+
+def rows(reply: Any) -> list[list[str]]:
+    """A function's reply as a list of rows of strings."""
+    return cast(list[list[str]], reply or [])

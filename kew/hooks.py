@@ -1,0 +1,79 @@
+"""Lifecycle hooks of the earlier release: on_task_start, on_task_complete and
+on_task_fail, each sync or async.
+
+A hook receives the task's `TaskInfo` (and `on_task_fail` the error message as
+an exception). A hook that raises is logged and ignored: a hook never kills a
+consumer or changes a task's outcome. Hooks run inside the attempt's worker
+slot, so a slow hook holds a permit. `on_task_fail` runs after every failed
+attempt, as in the earlier release.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kew.consumer import Attempt, Outcome
+
+__all__ = ["Hook", "Hooks"]
+
+logger = logging.getLogger(__name__)
+
+Hook = Callable[..., Any]
+
+
+class TaskFailure(Exception):
+    """The error a failed attempt ended with, as `on_task_fail` receives it."""
+
+    def __init__(self, message: str, error_type: str | None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class Hooks:
+    def __init__(
+        self,
+        *,
+        on_task_start: Hook | None = None,
+        on_task_complete: Hook | None = None,
+        on_task_fail: Hook | None = None,
+        describe: Callable[[Attempt], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.on_task_start = on_task_start
+        self.on_task_complete = on_task_complete
+        self.on_task_fail = on_task_fail
+        self.describe = describe
+
+    @property
+    def empty(self) -> bool:
+        return not (self.on_task_start or self.on_task_complete or self.on_task_fail)
+
+    async def before(self, attempt: Attempt) -> None:
+        if self.on_task_start is not None and self.describe is not None:
+            await _call(self.on_task_start, await self.describe(attempt))
+
+    async def after(self, attempt: Attempt, outcome: Outcome) -> None:
+        """Run after the outcome is recorded, so the TaskInfo shows it."""
+        if self.describe is None:
+            return
+        if outcome.succeeded:
+            if self.on_task_complete is not None:
+                await _call(self.on_task_complete, await self.describe(attempt))
+        elif self.on_task_fail is not None:
+            await _call(
+                self.on_task_fail,
+                await self.describe(attempt),
+                TaskFailure(outcome.value, outcome.error_type),
+            )
+
+
+async def _call(hook: Hook, *args: Any) -> None:
+    try:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("hook %r raised; the task is not affected", hook)

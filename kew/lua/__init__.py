@@ -1,0 +1,1 @@
+"""The Redis Functions library, kew.lua, loaded by kew.functions."""

@@ -1,0 +1,18 @@
+"""Projections: pure folds of the log into task status and queue statistics,
+and the rebuild and verify operations built on them."""
+
+from kew.projections.queue import count_states
+from kew.projections.rebuild import Difference, QueueFold, fold_queue, rebuild, verify
+from kew.projections.task import TaskState, apply, fold
+
+__all__ = [
+    "Difference",
+    "QueueFold",
+    "TaskState",
+    "apply",
+    "count_states",
+    "fold",
+    "fold_queue",
+    "rebuild",
+    "verify",
+]

@@ -1,0 +1,142 @@
+"""Rebuild a queue's stored projections from its log, or verify them.
+
+Known limitations: `rebuild` rewrites the hashes while it reads the log, so run
+it while the queue is quiet; a task that moves during the rebuild keeps
+whichever write came last. `verify` only reads and is safe at any time (a task
+that moves while it runs may show up as a difference; verify again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from kew.events import log
+from kew.keys import QueueKeys
+from kew.projections.queue import count_states, same_stats
+from kew.projections.task import TaskState, fold, same_hash
+
+__all__ = ["Difference", "QueueFold", "fold_queue", "rebuild", "verify"]
+
+_CHUNK = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """One stored projection that disagrees with the fold of the log."""
+
+    key: str
+    fields: list[str]
+    stored: dict[str, str]
+    folded: dict[str, str]
+
+    def __str__(self) -> str:
+        parts = [
+            f"{name}: stored {self.stored.get(name)!r}, log says "
+            f"{self.folded.get(name)!r}"
+            for name in self.fields
+        ]
+        return f"{self.key}: " + "; ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFold:
+    tasks: dict[str, TaskState]
+    stats: dict[str, int]
+    events: int
+
+
+async def fold_queue(
+    client: aioredis.Redis, keys: QueueKeys, *, end: str = "+"
+) -> QueueFold:
+    """Fold a queue's whole log (up to `end`) into its projections."""
+    count = 0
+
+    async def counted() -> Any:
+        nonlocal count
+        async for event in log.read(client, keys.log, end=end):
+            count += 1
+            yield event
+
+    events = [event async for event in counted()]
+    tasks = fold(events)
+    return QueueFold(tasks=tasks, stats=count_states(tasks.values()), events=count)
+
+
+async def _stored_hashes(
+    client: aioredis.Redis, keys: QueueKeys, task_ids: list[str]
+) -> list[dict[str, str]]:
+    stored: list[dict[str, str]] = []
+    for i in range(0, len(task_ids), _CHUNK):
+        async with client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids[i : i + _CHUNK]:
+                pipe.hgetall(keys.task(task_id))
+            stored.extend(cast(list[dict[str, str]], await pipe.execute()))
+    return stored
+
+
+async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
+    """Compare every stored projection of a queue with the fold of its log.
+
+    A finished task whose record has expired is not a difference: expiry is
+    the record's lifetime, not a disagreement with history.
+    """
+    folded = await fold_queue(client, keys)
+    task_ids = list(folded.tasks)
+    differences: list[Difference] = []
+    for task_id, stored in zip(
+        task_ids, await _stored_hashes(client, keys, task_ids), strict=True
+    ):
+        state = folded.tasks[task_id]
+        if not stored and state.finished_at is not None:
+            continue
+        expected = state.to_hash()
+        fields = same_hash(stored, expected)
+        if fields:
+            differences.append(Difference(f"task {task_id}", fields, stored, expected))
+
+    stored_stats = cast(dict[str, str], await client.hgetall(keys.stats))
+    fields = same_stats(stored_stats, folded.stats)
+    if fields:
+        differences.append(
+            Difference(
+                "stats",
+                fields,
+                stored_stats,
+                {k: str(v) for k, v in folded.stats.items()},
+            )
+        )
+    return differences
+
+
+async def rebuild(
+    client: aioredis.Redis, keys: QueueKeys, *, expiry_seconds: int
+) -> QueueFold:
+    """Rewrite every projection of a queue from its log. A finished task gets
+    the rest of its lifetime as TTL; one whose lifetime is over is removed."""
+    folded = await fold_queue(client, keys)
+    now_ms = int(time.time() * 1000)
+    states = list(folded.tasks.values())
+    for i in range(0, len(states), _CHUNK):
+        async with client.pipeline(transaction=True) as pipe:
+            for state in states[i : i + _CHUNK]:
+                key = keys.task(state.task_id)
+                pipe.delete(key)
+                if state.finished_at is not None:
+                    ttl_ms = state.finished_at + expiry_seconds * 1000 - now_ms
+                    if ttl_ms <= 0:
+                        continue
+                    pipe.hset(key, mapping=state.to_hash())
+                    pipe.pexpire(key, ttl_ms)
+                else:
+                    pipe.hset(key, mapping=state.to_hash())
+            await pipe.execute()
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.stats)
+        if folded.stats:
+            pipe.hset(keys.stats, mapping={k: str(v) for k, v in folded.stats.items()})
+        await pipe.execute()
+    return folded

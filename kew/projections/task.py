@@ -1,0 +1,167 @@
+"""The task projection: a task's current state, folded from its events.
+
+`apply` is a pure function `(state, event) -> state`. The Lua library writes
+the same fields inline (kew/lua/kew.lua), and `to_hash` renders a state exactly
+as the task hash stores it, so a stored hash and a fold of the log can be
+compared field by field. JSON-valued fields (`args`, `result`) compare by value,
+because a round trip through JSON may change their spelling, never their value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pydantic_core
+
+from kew.events.models import (
+    Event,
+    TaskEvent,
+    TaskFailed,
+    TaskReclaimed,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+
+__all__ = ["JSON_FIELDS", "TaskState", "apply", "fold", "same_hash"]
+
+JSON_FIELDS = frozenset({"args", "result"})
+
+
+def dump_json(value: Any) -> str:
+    """JSON as kew stores it: compact, UTF-8."""
+    return pydantic_core.to_json(value).decode()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskState:
+    task_id: str
+    state: str
+    version: int
+    last_event: str
+    name: str
+    task_type: str
+    priority: int
+    args: str
+    attempt: int
+    submitted_at: int
+    tp: str | None = None
+    owner: str | None = None
+    entry: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    result: str | None = None
+    error: str | None = None
+
+    def to_hash(self) -> dict[str, str]:
+        """The fields of the task hash, as the Lua library writes them."""
+        return {
+            f.name: str(value)
+            for f in dataclasses.fields(self)
+            if f.name != "task_id" and (value := getattr(self, f.name)) is not None
+        }
+
+    @classmethod
+    def from_hash(cls, task_id: str, fields: Mapping[str, str]) -> TaskState:
+        def opt_int(name: str) -> int | None:
+            value = fields.get(name)
+            return int(value) if value else None
+
+        return cls(
+            task_id=task_id,
+            state=fields["state"],
+            version=int(fields["version"]),
+            last_event=fields["last_event"],
+            name=fields["name"],
+            task_type=fields["task_type"],
+            priority=int(fields["priority"]),
+            args=fields["args"],
+            attempt=int(fields["attempt"]),
+            submitted_at=int(fields["submitted_at"]),
+            tp=fields.get("tp"),
+            owner=fields.get("owner"),
+            entry=fields.get("entry"),
+            started_at=opt_int("started_at"),
+            finished_at=opt_int("finished_at"),
+            result=fields.get("result"),
+            error=fields.get("error"),
+        )
+
+
+def apply(state: TaskState | None, event: Event) -> TaskState | None:
+    """Fold one event into a task's state. Events of other tasks, and types this
+    projection does not follow, leave the state as it was."""
+    if not isinstance(event, TaskEvent):
+        return state
+    if isinstance(event, TaskSubmitted):
+        return TaskState(
+            task_id=event.task_id,
+            state="queued",
+            version=1,
+            last_event=event.id,
+            name=event.name,
+            task_type=event.task_type,
+            priority=event.priority,
+            args=dump_json({"args": event.args, "kwargs": event.kwargs}),
+            attempt=0,
+            submitted_at=event.ms,
+            tp=event.tp,
+        )
+    if state is None or state.task_id != event.task_id:
+        return state
+    step = dataclasses.replace(state, version=state.version + 1, last_event=event.id)
+    if isinstance(event, TaskStarted):
+        return dataclasses.replace(
+            step,
+            state="processing",
+            attempt=event.attempt,
+            owner=event.actor,
+            entry=event.entry,
+            started_at=event.ms,
+        )
+    if isinstance(event, TaskReclaimed):
+        return step
+    if isinstance(event, TaskSucceeded):
+        return dataclasses.replace(
+            step,
+            state="completed",
+            result=dump_json(event.result),
+            finished_at=event.ms,
+        )
+    if isinstance(event, TaskFailed):
+        return dataclasses.replace(
+            step, state="failed", error=event.error, finished_at=event.ms
+        )
+    return state
+
+
+def fold(events: Iterable[Event]) -> dict[str, TaskState]:
+    """Fold a stream of events into the state of every task it mentions."""
+    tasks: dict[str, TaskState] = {}
+    for event in events:
+        if not isinstance(event, TaskEvent):
+            continue
+        folded = apply(tasks.get(event.task_id), event)
+        if folded is not None:
+            tasks[event.task_id] = folded
+    return tasks
+
+
+def same_hash(stored: Mapping[str, str], folded: Mapping[str, str]) -> list[str]:
+    """The names of the fields where a stored hash and a folded one differ."""
+    differing: list[str] = []
+    for name in sorted(set(stored) | set(folded)):
+        a, b = stored.get(name), folded.get(name)
+        if a == b:
+            continue
+        if name in JSON_FIELDS and a is not None and b is not None:
+            try:
+                if json.loads(a) == json.loads(b):
+                    continue
+            except ValueError:
+                pass
+        differing.append(name)
+    return differing

@@ -1,0 +1,179 @@
+"""Task functions, found by name.
+
+A consumer runs only functions registered in its own process: what it reads
+from Redis is a name and JSON arguments, never code. A function is registered
+by decorating it with `kew.task`, or implicitly when a callable is submitted.
+Its default name is `module:qualname`; give `name=` when other processes must
+find it under a name that survives refactoring, or when it lives in `__main__`
+(where another process would import it under its module's real name).
+
+Arguments are validated against the function's signature at submit (a call
+that could not bind never enters the queue) and converted back from JSON at
+run time with pydantic, so a parameter annotated `datetime` or with a pydantic
+model receives one, not the JSON it was stored as.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, overload
+
+import pydantic
+
+from kew.errors import TaskFunctionError
+
+__all__ = ["Registry", "TaskFunction", "registry", "task"]
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_VALIDATION = pydantic.ConfigDict(arbitrary_types_allowed=True)
+
+
+class TaskFunction:
+    """A registered task function."""
+
+    __slots__ = ("_run", "func", "name", "signature")
+
+    def __init__(self, name: str, func: Callable[..., Awaitable[Any]]) -> None:
+        self.name = name
+        self.func = func
+        self.signature = inspect.signature(func)
+        try:
+            self._run: Callable[..., Awaitable[Any]] = pydantic.validate_call(
+                func, config=_VALIDATION
+            )
+        except (pydantic.PydanticSchemaGenerationError, TypeError) as exc:
+            # A signature pydantic cannot describe still runs, unconverted.
+            logger.debug("arguments of %s will not be converted: %s", name, exc)
+            self._run = func
+
+    def check_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise TaskFunctionError if the arguments cannot bind to the signature."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskFunctionError(
+                f"The arguments do not fit {self.name}{self.signature}: {exc}. "
+                "Pass the task function's own parameters after the task's options."
+            ) from None
+
+    async def run(self, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        return await self._run(*args, **kwargs)
+
+
+def default_name(func: Callable[..., Any]) -> str:
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname:
+        raise TaskFunctionError(
+            f"{func!r} has no __module__ and __qualname__ to name it by: register "
+            "it with kew.task(name='...') first."
+        )
+    return f"{module}:{qualname}"
+
+
+def _is_async(func: object) -> bool:
+    if inspect.iscoroutinefunction(func):
+        return True
+    if isinstance(func, functools.partial):
+        return _is_async(func.func)  # pyright: ignore[reportUnknownMemberType]
+    call = getattr(type(func), "__call__", None)
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Registry:
+    """Task functions by name."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, TaskFunction] = {}
+        self._by_func: dict[int, TaskFunction] = {}
+
+    def register(
+        self, func: Callable[..., Awaitable[Any]], name: str | None = None
+    ) -> TaskFunction:
+        """Register `func` (under `name`, or its default name) and return it.
+
+        Registering the same function again returns the existing entry. A name
+        already taken by a different function is an error, unless both are the
+        same code (a closure made again, or a module reloaded): then the newer
+        function replaces the older.
+        """
+        known = self._by_func.get(id(func))
+        if known is not None and known.func is func and name in (None, known.name):
+            return known
+        if not callable(func) or not _is_async(func):
+            raise TaskFunctionError(
+                f"Task function {func!r} is not a coroutine function: define it "
+                "with `async def` (kew runs tasks in the event loop, and calling a "
+                "sync function would block it)."
+            )
+        name = name or default_name(func)
+        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TaskFunctionError(f"Task name {name!r} is not valid: use a string.")
+        current = self._by_name.get(name)
+        if current is not None and current.func is not func:
+            if _code(current.func) is None or _code(current.func) is not _code(func):
+                raise TaskFunctionError(
+                    f"The name {name!r} is already registered to {current.func!r}; "
+                    f"register {func!r} under another name with "
+                    "kew.task(name='...') or submit_task(..., task_name='...')."
+                )
+            self._by_func.pop(id(current.func), None)
+        entry = TaskFunction(name, func)
+        self._by_name[name] = entry
+        self._by_func[id(func)] = entry
+        return entry
+
+    def get(self, name: str) -> TaskFunction | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+def _code(func: object) -> object:
+    return getattr(func, "__code__", None)
+
+
+registry = Registry()
+"""The process-wide registry that `kew.task` and `submit_task` use."""
+
+
+@overload
+def task(
+    func: Callable[P, Awaitable[R]], /
+) -> Callable[P, Awaitable[R]]: ...
+
+
+@overload
+def task(
+    *, name: str | None = None
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]: ...
+
+
+def task(
+    func: Callable[P, Awaitable[R]] | None = None, /, *, name: str | None = None
+) -> Any:
+    """Register an async function as a task function; the function is returned
+    unchanged, so it can still be called directly.
+
+        @kew.task
+        async def resize(path: str, width: int) -> str: ...
+
+        @kew.task(name="images.resize")
+        async def resize(path: str, width: int) -> str: ...
+    """
+
+    def decorate(f: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        registry.register(f, name)
+        return f
+
+    if func is not None:
+        return decorate(func)
+    return decorate

@@ -1,0 +1,119 @@
+"""Waking `wait_for_task` when a task ends, without polling.
+
+The `finish` function publishes a task's id on its queue's `finished` channel
+in the same call that records the outcome. A manager subscribes to a queue's
+channel the first time somebody waits on one of its tasks, and keeps one
+listener for all its channels. A task that ends in this very process wakes its
+waiters directly, before the message comes back from the server.
+
+A waiter woken for any reason reads the task's status and waits again if the
+task has not ended; the listener wakes all waiters after it lost its connection,
+because pub/sub does not keep what was published meanwhile.
+
+Order matters: a waiter registers its future and waits until the subscription
+is confirmed *before* it reads the task's status, so an outcome recorded in
+between cannot slip past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+__all__ = ["Waiters"]
+
+logger = logging.getLogger(__name__)
+
+
+class Waiters:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._futures: dict[tuple[str, str], set[asyncio.Future[None]]] = (
+            defaultdict(set)
+        )
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._channel_queue: dict[str, str] = {}
+
+    def register(self, queue: str, task_id: str) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        self._futures[(queue, task_id)].add(future)
+        return future
+
+    def discard(self, queue: str, task_id: str, future: asyncio.Future[None]) -> None:
+        futures = self._futures.get((queue, task_id))
+        if futures is not None:
+            futures.discard(future)
+            if not futures:
+                del self._futures[(queue, task_id)]
+
+    def notify(self, queue: str, task_id: str) -> None:
+        for future in self._futures.pop((queue, task_id), ()):
+            if not future.done():
+                future.set_result(None)
+
+    def wake_all(self) -> None:
+        """Wake every waiter; each reads its task's status and waits again if
+        the task has not ended."""
+        for key in list(self._futures):
+            self.notify(*key)
+
+    async def subscribe(self, queue: str, channel: str) -> None:
+        """Subscribe to a queue's channel; return once the server confirmed it."""
+        event = self._confirmed.get(channel)
+        if event is None:
+            event = self._confirmed[channel] = asyncio.Event()
+            self._channel_queue[channel] = queue
+            if self._pubsub is None:
+                self._pubsub = self._client.pubsub()
+            await self._pubsub.subscribe(channel)
+            if self._listener is None:
+                self._listener = asyncio.create_task(
+                    self._listen(), name="kew task-finished listener"
+                )
+        await event.wait()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except (rex.RedisError, OSError) as exc:
+                # redis-py reconnects and resubscribes on the next read. A
+                # message published meanwhile is gone (pub/sub keeps nothing),
+                # so every waiter is woken to read its task's status again.
+                logger.warning("lost the task-finished subscription (%s)", exc)
+                self.wake_all()
+                await asyncio.sleep(0.1)
+                continue
+            if message is None:
+                continue
+            channel = message["channel"]
+            if message["type"] == "subscribe":
+                event = self._confirmed.get(channel)
+                if event is not None:
+                    event.set()
+            elif message["type"] == "message":
+                queue = self._channel_queue.get(channel)
+                if queue is not None:
+                    self.notify(queue, message["data"])
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        if self._pubsub is not None:
+            with contextlib.suppress(rex.RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
+        for futures in self._futures.values():
+            for future in futures:
+                future.cancel()
+        self._futures.clear()
