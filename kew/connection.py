@@ -1,24 +1,30 @@
 """Choosing the server and opening connections to it.
 
 The URL is, in order: the `redis_url` argument, `KEW_REDIS_URL`, or else the
-embedded server (kew.server). redis-py's own retries are turned off: a retried
-FCALL whose first reply was lost would run twice, and kew's write paths decide
-for themselves what is safe to repeat.
+embedded server (kew.server).
+
+Two redis-py settings are deliberate:
+
+* Its own retries are off: a retried FCALL whose first reply was lost would run
+  twice, and kew's write paths decide for themselves what is safe to repeat.
+* Its socket timeout is off. With redis-py 8.1 on Python 3.11, cancelling a
+  task while a command waits under that timeout is sometimes swallowed (the
+  task goes on running, and `asyncio.run` then never finishes at exit).
+  Commands are bounded instead by `asyncio.timeout` in `kew.functions.guarded`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from kew.errors import ConfigurationError, ServerVersionError
-from kew.functions import translate_redis_error
+from kew.functions import guarded
 
 __all__ = ["URL_ENV", "check_server", "make_client", "resolve_url"]
 
@@ -56,9 +62,11 @@ def make_client(
         "decode_responses": True,
         "protocol": 2,
         "retry": Retry(NoBackoff(), 0),
+        "socket_timeout": None,
+        "socket_connect_timeout": 10,
     }
     if blocking:
-        options |= {"socket_timeout": None, "max_connections": 1}
+        options |= {"max_connections": 1}
         return aioredis.Redis.from_url(url, **options)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=30, **options
@@ -68,10 +76,7 @@ def make_client(
 
 async def check_server(client: aioredis.Redis) -> str:
     """Ping the server and return its version; raise if it is too old."""
-    try:
-        info = cast(dict[str, Any], await client.info("server"))
-    except (rex.RedisError, OSError) as exc:
-        raise translate_redis_error(exc) from exc
+    info: dict[str, Any] = await guarded(client.info("server"))
     version = str(info.get("valkey_version") or info.get("redis_version") or "0")
     redis_version = str(info.get("redis_version", "0"))
     numbers = tuple(int(p) for p in redis_version.split(".")[:2] if p.isdigit())

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -180,7 +181,7 @@ class Consumer:
         self._fetcher: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
         self._read: asyncio.Task[Any] | None = None
-        self._wake_maintainer = asyncio.Event()
+        self._stopped = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Consumer:
         """Stop fetching, let running attempts finish within `timeout` (if
         `wait`), cancel the rest, and hand back whatever is still held."""
         self._stopping = True
+        self._stopped.set()
         if self._read is not None:
             self._read.cancel()
         self.permits.release(0)
@@ -219,7 +221,7 @@ class Consumer:
             released = await functions.call(
                 self.client, "release", self.keys.ready_all, [self.name]
             )
-            await self.client.delete(self.keys.worker(self.name))
+            await functions.guarded(self.client.delete(self.keys.worker(self.name)))
         except (KewError, rex.RedisError, OSError) as exc:
             logger.warning(
                 "consumer %s could not hand back its entries (%s); they will be "
@@ -299,7 +301,7 @@ class Consumer:
     async def _blocking_read(self) -> list[tuple[str, str, str]]:
         """Wait for a new entry on any ready stream; return (stream, entry id,
         task id) of each entry delivered."""
-        self._read = asyncio.create_task(
+        self._read = asyncio.ensure_future(
             self.blocking_client.xreadgroup(
                 GROUP,
                 self.name,
@@ -455,7 +457,7 @@ class Consumer:
 
     async def _maintain_loop(self) -> None:
         interval = self.config.lease_seconds / 3
-        while True:
+        while not self._stopping:
             try:
                 await self._maintain_once()
             except (KewError, rex.RedisError, OSError) as exc:
@@ -466,7 +468,9 @@ class Consumer:
                     exc,
                 )
             # A little jitter keeps many consumers from renewing in lockstep.
-            await asyncio.sleep(interval * random.uniform(0.9, 1.0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval * random.uniform(0.9, 1.0)):
+                    await self._stopped.wait()
 
     async def _maintain_once(self) -> None:
         held: dict[str, list[str]] = {stream: [] for stream in self.keys.ready_all}
@@ -548,4 +552,3 @@ def _failure(
     )
     data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
     return Outcome(attempt, False, error, data, error_type)
-

@@ -8,11 +8,12 @@ a changed library is never confused with an old one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -43,16 +44,39 @@ def function_name(short: str) -> str:
 async def load(client: Redis) -> None:
     """Load the library (idempotent), or explain why the server cannot."""
     try:
-        await client.function_load(SOURCE, replace=True)
-    except rex.ResponseError as exc:
-        if "unknown command" in str(exc).lower():
+        await guarded(client.function_load(SOURCE, replace=True))
+    except ServerError as exc:
+        if (
+            "unknown command" in str(exc).lower()
+            or "unknown subcommand" in str(exc).lower()
+        ):
             raise ServerVersionError(
                 "The server does not support Redis Functions (FUNCTION LOAD): kew "
                 "needs Redis 7.0+ or Valkey 7.2+. Point KEW_REDIS_URL at a newer "
                 "server, or leave it unset to use the embedded one."
             ) from exc
-        raise translate_redis_error(exc) from exc
+        raise
     logger.debug("loaded Redis Functions library %s", LIBRARY)
+
+
+COMMAND_TIMEOUT = 30.0
+"""Seconds to wait for any reply (blocking reads excepted)."""
+
+T = TypeVar("T")
+
+
+async def guarded(awaitable: Awaitable[T], timeout: float = COMMAND_TIMEOUT) -> T:
+    """Await a redis-py call with a deadline, translating its errors."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except TimeoutError:
+        raise ConnectionFailedError(
+            f"The Redis server did not answer within {timeout}s; check that it is "
+            "running and not overloaded."
+        ) from None
+    except (rex.RedisError, OSError) as exc:
+        raise translate_redis_error(exc) from exc
 
 
 async def call(
@@ -62,16 +86,13 @@ async def call(
     the server has lost it (a restart without persistence, a failover)."""
     name = function_name(short)
     try:
-        try:
-            return await client.fcall(name, len(keys), *keys, *args)
-        except rex.ResponseError as exc:
-            if "function not found" not in str(exc).lower():
-                raise
-            logger.info("Redis Functions library %s missing; loading it", LIBRARY)
-            await load(client)
-            return await client.fcall(name, len(keys), *keys, *args)
-    except (rex.RedisError, OSError) as exc:
-        raise translate_redis_error(exc) from exc
+        return await guarded(client.fcall(name, len(keys), *keys, *args))
+    except ServerError as exc:
+        if "function not found" not in str(exc).lower():
+            raise
+    logger.info("Redis Functions library %s missing; loading it", LIBRARY)
+    await load(client)
+    return await guarded(client.fcall(name, len(keys), *keys, *args))
 
 
 def translate_redis_error(exc: BaseException) -> KewError:

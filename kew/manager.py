@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, Self, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 
 from kew import functions
 from kew.connection import check_server, make_client, resolve_url
@@ -28,15 +27,19 @@ from kew.errors import (
     QueueAlreadyExistsError,
     QueueFullError,
     QueueNotFoundError,
+    ServerError,
     TaskAlreadyExistsError,
     TaskNotFoundError,
     WaitTimeoutError,
 )
+from kew.events.models import entry_time
+from kew.functions import guarded
 from kew.hooks import Hook, Hooks
-from kew.keys import DEFAULT_PREFIX, QueueKeys, check_prefix, queue_directory
+from kew.keys import DEFAULT_PREFIX, GROUP, QueueKeys, check_prefix, queue_directory
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.projections import Difference, rebuild, verify
-from kew.registry import Registry, registry as default_registry
+from kew.registry import Registry
+from kew.registry import registry as default_registry
 from kew.server import EmbeddedServer
 from kew.submission import prepare, task_info
 from kew.waiters import Waiters
@@ -224,7 +227,9 @@ class TaskQueueManager:
             [keys.log, keys.config, *keys.ready_all],
             [self.identity, encoded, *fields],
         )
-        await _translated(client.hset(queue_directory(self.key_prefix), config.name, encoded))
+        await guarded(
+            client.hset(queue_directory(self.key_prefix), config.name, encoded)
+        )
         queue = _Queue(config, keys)
         self._queues[config.name] = queue
         logger.info("queue %s %s", config.name, outcome)
@@ -254,9 +259,7 @@ class TaskQueueManager:
         queue = self._queues.get(name)
         if queue is not None:
             return queue
-        stored = await _translated(
-            self.client.hget(queue_directory(self.key_prefix), name)
-        )
+        stored = await guarded(self.client.hget(queue_directory(self.key_prefix), name))
         if stored is None:
             raise QueueNotFoundError(
                 f"Queue {name!r} does not exist under prefix {self.key_prefix!r}: "
@@ -270,7 +273,7 @@ class TaskQueueManager:
         return queue
 
     async def _queue_names(self) -> list[str]:
-        names = await _translated(self.client.hkeys(queue_directory(self.key_prefix)))
+        names = await guarded(self.client.hkeys(queue_directory(self.key_prefix)))
         return sorted(set(cast(list[str], names)) | set(self._queues))
 
     # -- tasks -----------------------------------------------------------
@@ -330,7 +333,7 @@ class TaskQueueManager:
             task_name=submission.name,
             priority=submission.priority,
             status=TaskStatus.QUEUED,
-            queued_time=int(event_id.partition("-")[0]) / 1000,  # pyright: ignore[reportArgumentType]
+            queued_time=entry_time(event_id),
             version=1,
         )
 
@@ -346,7 +349,7 @@ class TaskQueueManager:
         client = self.client
         remembered = queue_name or self._task_queue.get(task_id)
         if remembered is not None:
-            fields = await _translated(
+            fields = await guarded(
                 client.hgetall(QueueKeys(self.key_prefix, remembered).task(task_id))
             )
             if fields or queue_name is not None:
@@ -360,7 +363,7 @@ class TaskQueueManager:
         async with client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(QueueKeys(self.key_prefix, name).task(task_id))
-            replies = cast(list[dict[str, str]], await _translated(pipe.execute()))
+            replies = cast(list[dict[str, str]], await guarded(pipe.execute()))
         found = [(n, f) for n, f in zip(names, replies, strict=True) if f]
         if not found:
             raise TaskNotFoundError(
@@ -403,7 +406,9 @@ class TaskQueueManager:
         waiters = cast(Waiters, self._waiters)
         try:
             async with asyncio.timeout(timeout):
-                await waiters.subscribe(queue, self._queues_keys(queue).finished_channel)
+                await waiters.subscribe(
+                    queue, self._queues_keys(queue).finished_channel
+                )
                 while True:
                     future = waiters.register(queue, task_id)
                     try:
@@ -445,7 +450,7 @@ class TaskQueueManager:
             pipe.hgetall(queue.keys.stats)
             pipe.hget(queue.keys.breaker, "state")
             stats, breaker = cast(
-                tuple[dict[str, str], str | None], await _translated(pipe.execute())
+                tuple[dict[str, str], str | None], await guarded(pipe.execute())
             )
         count = {name: int(value) for name, value in stats.items()}
         config = queue.config
@@ -472,7 +477,7 @@ class TaskQueueManager:
             async with self.client.pipeline(transaction=False) as pipe:
                 for task_id in ids:
                     pipe.hgetall(keys.task(task_id))
-                replies = cast(list[dict[str, str]], await _translated(pipe.execute()))
+                replies = cast(list[dict[str, str]], await guarded(pipe.execute()))
             ongoing += [
                 task_info(name, task_id, fields)
                 for task_id, fields in zip(ids, replies, strict=True)
@@ -487,14 +492,16 @@ class TaskQueueManager:
             try:
                 pending = cast(
                     list[dict[str, Any]],
-                    await client.xpending_range(stream, "workers", "-", "+", 100_000),
+                    await guarded(
+                        client.xpending_range(stream, GROUP, "-", "+", 100_000)
+                    ),
                 )
-            except rex.ResponseError:
+            except ServerError:
                 continue  # no such stream or group: nothing pending
             async with client.pipeline(transaction=False) as pipe:
                 for p in pending:
                     pipe.xrange(stream, p["message_id"], p["message_id"])
-                for entries in cast(list[Any], await _translated(pipe.execute())):
+                for entries in cast(list[Any], await guarded(pipe.execute())):
                     ids += [fields["task_id"] for _, fields in entries]
         return ids
 
@@ -525,11 +532,10 @@ class TaskQueueManager:
             consumers: set[str] = set()
             for stream in keys.ready_all:
                 try:
-                    infos = cast(
-                        list[dict[str, Any]],
-                        await client.xinfo_consumers(stream, "workers"),
+                    infos: list[dict[str, Any]] = await guarded(
+                        client.xinfo_consumers(stream, GROUP)
                     )
-                except rex.ResponseError:
+                except ServerError:
                     continue
                 consumers.update(str(info["name"]) for info in infos)
             for consumer in consumers:
@@ -569,13 +575,6 @@ def _check_submitted(reply: list[str], queue_name: str) -> None:
             "hand?); create it again with create_queue."
         )
     raise KewError(f"Unexpected reply from the submit function: {reply!r}")
-
-
-async def _translated(awaitable: Any) -> Any:
-    try:
-        return await awaitable
-    except (rex.RedisError, OSError) as exc:
-        raise functions.translate_redis_error(exc) from exc
 
 
 def _safe_url(url: str) -> str:

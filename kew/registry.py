@@ -45,9 +45,8 @@ class TaskFunction:
         self.func = func
         self.signature = inspect.signature(func)
         try:
-            self._run: Callable[..., Awaitable[Any]] = pydantic.validate_call(
-                func, config=_VALIDATION
-            )
+            validated: Any = pydantic.validate_call(config=_VALIDATION)(func)
+            self._run: Callable[..., Awaitable[Any]] = validated
         except (pydantic.PydanticSchemaGenerationError, TypeError) as exc:
             # A signature pydantic cannot describe still runs, unconverted.
             logger.debug("arguments of %s will not be converted: %s", name, exc)
@@ -83,8 +82,7 @@ def _is_async(func: object) -> bool:
         return True
     if isinstance(func, functools.partial):
         return _is_async(func.func)  # pyright: ignore[reportUnknownMemberType]
-    call = getattr(type(func), "__call__", None)
-    return call is not None and inspect.iscoroutinefunction(call)
+    return callable(func) and inspect.iscoroutinefunction(type(func).__call__)
 
 
 class Registry:
@@ -146,9 +144,7 @@ registry = Registry()
 
 
 @overload
-def task(
-    func: Callable[P, Awaitable[R]], /
-) -> Callable[P, Awaitable[R]]: ...
+def task(func: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
 
 
 @overload

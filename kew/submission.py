@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pydantic_core
@@ -135,9 +136,9 @@ def _encode(what: str, value: list[Any] | dict[str, Any], name: str) -> str:
 def task_info(queue: str, task_id: str, fields: Mapping[str, str]) -> TaskInfo:
     """A task's status from the fields of its hash."""
 
-    def when(name: str) -> Any:
+    def when(name: str) -> datetime | None:
         value = fields.get(name)
-        return int(value) / 1000 if value else None
+        return datetime.fromtimestamp(int(value) / 1000, UTC) if value else None
 
     result = fields.get("result")
     return TaskInfo.model_validate(

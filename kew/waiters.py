@@ -36,8 +36,8 @@ class Waiters:
         self._client = client
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self._futures: dict[tuple[str, str], set[asyncio.Future[None]]] = (
-            defaultdict(set)
+        self._futures: dict[tuple[str, str], set[asyncio.Future[None]]] = defaultdict(
+            set
         )
         self._confirmed: dict[str, asyncio.Event] = {}
         self._channel_queue: dict[str, str] = {}

@@ -16,6 +16,11 @@ fields of `data` side by side. Its time is the time in its entry id, which the
 Redis server's clock assigned when the event was appended.
 """
 
+# Each event model narrows `type` from str to its Literal, which is how pydantic
+# discriminates; pyright reads that as an unsafe override of a mutable field,
+# but the models are frozen.
+# pyright: reportIncompatibleVariableOverride=false
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -33,8 +38,8 @@ __all__ = [
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
-    "entry_time",
     "entry_ms",
+    "entry_time",
 ]
 
 ENVELOPE = ("type", "v", "task_id", "prev", "attempt", "actor", "tp")
@@ -85,7 +90,9 @@ class Event(BaseModel):
 
 
 class TaskEvent(Event):
-    task_id: str  # pyright: ignore[reportIncompatibleVariableOverride]
+    """An event about one task; `task_id` is always set."""
+
+    task_id: str = ""
 
 
 class TaskSubmitted(TaskEvent):

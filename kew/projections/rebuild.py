@@ -53,17 +53,11 @@ async def fold_queue(
     client: aioredis.Redis, keys: QueueKeys, *, end: str = "+"
 ) -> QueueFold:
     """Fold a queue's whole log (up to `end`) into its projections."""
-    count = 0
-
-    async def counted() -> Any:
-        nonlocal count
-        async for event in log.read(client, keys.log, end=end):
-            count += 1
-            yield event
-
-    events = [event async for event in counted()]
+    events = [event async for event in log.read(client, keys.log, end=end)]
     tasks = fold(events)
-    return QueueFold(tasks=tasks, stats=count_states(tasks.values()), events=count)
+    return QueueFold(
+        tasks=tasks, stats=count_states(tasks.values()), events=len(events)
+    )
 
 
 async def _stored_hashes(
@@ -129,14 +123,19 @@ async def rebuild(
                     ttl_ms = state.finished_at + expiry_seconds * 1000 - now_ms
                     if ttl_ms <= 0:
                         continue
-                    pipe.hset(key, mapping=state.to_hash())
+                    pipe.hset(key, mapping=_mapping(state.to_hash()))
                     pipe.pexpire(key, ttl_ms)
                 else:
-                    pipe.hset(key, mapping=state.to_hash())
+                    pipe.hset(key, mapping=_mapping(state.to_hash()))
             await pipe.execute()
     async with client.pipeline(transaction=True) as pipe:
         pipe.delete(keys.stats)
         if folded.stats:
-            pipe.hset(keys.stats, mapping={k: str(v) for k, v in folded.stats.items()})
+            pipe.hset(keys.stats, mapping=_mapping(folded.stats))
         await pipe.execute()
     return folded
+
+
+def _mapping(fields: dict[str, Any]) -> Any:
+    """redis-py's hset annotation wants its own key types; a str dict is fine."""
+    return {name: str(value) for name, value in fields.items()}

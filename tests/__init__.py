@@ -1,0 +1,1 @@
+"""kew test suite: real servers, no mocks."""
