@@ -219,7 +219,10 @@ class Consumer:
             await asyncio.gather(self._maintainer, return_exceptions=True)
         try:
             released = await functions.call(
-                self.client, "release", self.keys.ready_all, [self.name]
+                self.client,
+                "release",
+                [self.keys.log, self.keys.stats, *self.keys.ready_all],
+                [self.name, self.keys.task_prefix, "shutdown"],
             )
             await functions.guarded(self.client.delete(self.keys.worker(self.name)))
         except (KewError, rex.RedisError, OSError) as exc:
@@ -232,7 +235,7 @@ class Consumer:
         else:
             if released:
                 logger.info(
-                    "consumer %s handed back %s entries of queue %s",
+                    "consumer %s handed back %s tasks of queue %s",
                     self.name,
                     released,
                     self.keys.queue,

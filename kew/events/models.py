@@ -33,8 +33,10 @@ __all__ = [
     "QueueConfigured",
     "TaskEvent",
     "TaskFailed",
+    "TaskInterrupted",
     "TaskLost",
     "TaskReclaimed",
+    "TaskReleased",
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
@@ -129,6 +131,25 @@ class TaskReclaimed(TaskEvent):
     idle_ms: int = 0
 
 
+class TaskInterrupted(TaskEvent):
+    """A running attempt stopped without an outcome (its consumer shut down) and
+    the task went back to the queue; the next consumer starts a new attempt."""
+
+    type: Literal["task.interrupted"] = "task.interrupted"
+    entry: str
+    requeued_as: str
+    reason: str = ""
+
+
+class TaskReleased(TaskEvent):
+    """A consumer handed back an entry it had received but not started."""
+
+    type: Literal["task.released"] = "task.released"
+    entry: str
+    requeued_as: str
+    reason: str = ""
+
+
 class TaskLost(Event):
     """A ready entry that vanished from its stream while pending (trimmed or
     deleted by hand). Its task id went with it; the entry id is all that is left."""
@@ -151,6 +172,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TaskSucceeded,
         TaskFailed,
         TaskReclaimed,
+        TaskInterrupted,
+        TaskReleased,
         TaskLost,
         QueueConfigured,
     )

@@ -386,22 +386,55 @@ local function maintain(keys, args)
 end
 
 --[[
-release: hand back entries this consumer holds but will not finish, so that
-others take them at once instead of after the lease.
-KEYS: the ready streams
-ARGV: consumer
+release: hand back every entry this consumer holds, so that others take them
+at once instead of after the lease: each task goes back to the end of its
+ready stream under a new entry. An attempt that was running is recorded as
+`task.interrupted` (the next consumer starts the next attempt); an entry that
+was fetched but never started as `task.released`.
+KEYS: log, stats, then the ready streams
+ARGV: consumer, task key prefix, reason
+Returns how many tasks were handed back.
 ]]
 local function release(keys, args)
-  local consumer = args[1]
+  local log, stats = keys[1], keys[2]
+  local consumer, task_prefix, reason = args[1], args[2], args[3]
   local count = 0
-  for _, ready in ipairs(keys) do
-    local ids = {}
+  for k = 3, #keys do
+    local ready = keys[k]
     for _, p in ipairs(redis.call('XPENDING', ready, GROUP, '-', '+', 1000000,
         consumer)) do
-      ids[#ids + 1] = p[1]
+      local entry_id = p[1]
+      local entry = redis.call('XRANGE', ready, entry_id, entry_id)[1]
+      drop_entry(ready, entry_id)
+      local task_id = entry and fields_map(entry[2])['task_id']
+      if task_id then
+        local task = task_prefix .. task_id
+        local t = redis.call('HMGET', task, 'state', 'version', 'last_event',
+          'attempt', 'owner', 'tp')
+        local running = t[1] == 'processing' and t[5] == consumer
+        if t[1] == 'queued' or running then
+          local tp = t[6]
+          local new_entry
+          if tp then
+            new_entry = redis.call('XADD', ready, '*', 'task_id', task_id, 'tp', tp)
+          else
+            new_entry = redis.call('XADD', ready, '*', 'task_id', task_id)
+          end
+          local etype = 'task.released'
+          if running then
+            etype = 'task.interrupted'
+            redis.call('HINCRBY', stats, 'processing', -1)
+            redis.call('HINCRBY', stats, 'queued', 1)
+          end
+          local eid = append(log, etype, task_id, t[3], t[4], consumer, tp,
+            '{"entry":' .. json_string(entry_id) .. ',"requeued_as":' ..
+            json_string(new_entry) .. ',"reason":' .. json_string(reason) .. '}')
+          redis.call('HSET', task, 'state', 'queued', 'version',
+            tonumber(t[2]) + 1, 'last_event', eid)
+          count = count + 1
+        end
+      end
     end
-    claim(ready, consumer, ids, {'IDLE', IDLE_NOW, 'JUSTID'})
-    count = count + #ids
   end
   return count
 end

@@ -20,7 +20,9 @@ from kew.events.models import (
     Event,
     TaskEvent,
     TaskFailed,
+    TaskInterrupted,
     TaskReclaimed,
+    TaskReleased,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -122,8 +124,10 @@ def apply(state: TaskState | None, event: Event) -> TaskState | None:
             entry=event.entry,
             started_at=event.ms,
         )
-    if isinstance(event, TaskReclaimed):
+    if isinstance(event, TaskReclaimed | TaskReleased):
         return step
+    if isinstance(event, TaskInterrupted):
+        return dataclasses.replace(step, state="queued")
     if isinstance(event, TaskSucceeded):
         return dataclasses.replace(
             step,

@@ -1,0 +1,403 @@
+"""The `kew` command.
+
+    kew [--redis-url URL] [--prefix PREFIX] [-v] demo [--tasks N] [--workers W]
+
+Each subcommand is a pair: an `_add_<name>(subparsers)` function that declares
+its arguments and points `run` at an async `<name>(args)` function returning
+the exit code. `main` parses, configures logging (the command is an
+application; the library never does) and turns a `KewError` into one line on
+stderr and exit code 1.
+
+The server is `--redis-url`, else `KEW_REDIS_URL`, else an embedded server that
+lives as long as the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import secrets
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from kew.connection import make_client, resolve_url
+from kew.errors import KewError
+from kew.events import log
+from kew.events.models import Event, TaskFailed
+from kew.functions import guarded
+from kew.keys import DEFAULT_PREFIX, QueueKeys, check_prefix
+from kew.manager import PREFIX_ENV, TaskQueueManager
+from kew.models import QueueConfig, TaskInfo, TaskStatus
+from kew.registry import task
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+Run = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+AddParser = Callable[..., argparse.ArgumentParser]
+"""`add_parser` of the subparsers: each `_add_<name>` declares one subcommand."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `kew` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    run = cast(Run, args.run)
+    try:
+        return asyncio.run(run(args))
+    except KewError as exc:
+        print(f"kew: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kew: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kew",
+        description="kew: an asyncio task queue whose source of truth is an event "
+        "log in Redis Streams.",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="the server, e.g. redis://localhost:6379/0 (default: $KEW_REDIS_URL, "
+        "else an embedded server that lives as long as the command)",
+    )
+    parser.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help=f"the key prefix (default: ${PREFIX_ENV}, else {DEFAULT_PREFIX!r})",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log INFO to stderr (-vv: DEBUG); the default is WARNING",
+    )
+    subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers.add_parser)
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if verbose == 0:
+        # The demo's failures are deliberate and shown in its tables; the
+        # consumer's warning (with a traceback) for each would only be noise.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_not_a_demo_failure)
+
+
+def _not_a_demo_failure(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], DemoTaskError))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid: give a whole number of 1 or more."
+        )
+    return value
+
+
+def _display_url(url: str) -> str:
+    """The URL with its password (in the netloc or the query) masked."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(n, "***" if n == "password" else v) for n, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
+
+
+# -- kew demo -------------------------------------------------------------
+
+DEMO_QUEUE = "demo"
+FAIL_EVERY = 7
+
+
+class DemoTaskError(Exception):
+    """The failure the demo provokes on purpose."""
+
+
+@task(name="kew.demo")
+async def demo_task(number: int) -> dict[str, Any]:
+    """Sleep a moment and return a small result; every 7th task fails."""
+    delay = random.uniform(0.05, 0.3)
+    await asyncio.sleep(delay)
+    if number % FAIL_EVERY == 0:
+        raise DemoTaskError(
+            f"Demo task {number} failed on purpose (every {FAIL_EVERY}th one does)."
+        )
+    return {"square": number * number, "slept": round(delay, 3)}
+
+
+def _add_demo(add_parser: AddParser) -> None:
+    parser = add_parser(
+        "demo",
+        help="run a short workload and show what happened",
+        description="Run a short workload on a queue named 'demo', then show the "
+        "outcomes, the queue's status, the log of a failed task and a check of the "
+        "projections against the log. On a server given by URL the demo works "
+        "under a fresh prefix (kew-demo-<hex>, unless --prefix is given) and "
+        "deletes its keys at the end.",
+    )
+    parser.add_argument(
+        "--tasks", type=_positive_int, default=40, help="tasks to run (default 40)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="tasks run at once (default 8)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the demo's keys on the server, to read them afterwards",
+    )
+    parser.set_defaults(run=demo)
+
+
+async def demo(args: argparse.Namespace) -> int:
+    console = Console()
+    url = resolve_url(args.redis_url)
+    if url is None:
+        prefix = check_prefix(args.prefix or _env_prefix())
+        console.print(
+            "Server: embedded (no --redis-url or KEW_REDIS_URL given); it stops, "
+            f"data and all, when the demo ends.\nKey prefix: {prefix!r}"
+        )
+        if args.keep:
+            console.print(
+                "--keep does nothing here: the embedded server keeps no data."
+            )
+        await _run_demo(console, None, prefix, args.tasks, args.workers)
+        return 0
+
+    # Deliberately not $KEW_KEY_PREFIX: that is where the user's real queues live.
+    prefix = check_prefix(args.prefix or f"kew-demo-{secrets.token_hex(4)}")
+    client = make_client(url, max_connections=2)
+    try:
+        await _check_unused(client, url, prefix)
+        console.print(f"Server: {_display_url(url)}\nKey prefix: {prefix!r}")
+        try:
+            await _run_demo(console, url, prefix, args.tasks, args.workers)
+        finally:
+            if args.keep:
+                console.print(
+                    f"Kept the keys under {prefix + ':*'!r} (--keep); read the log "
+                    f"with XRANGE {QueueKeys(prefix, DEMO_QUEUE).log} - +"
+                )
+            else:
+                deleted = await _delete_prefix(client, prefix)
+                console.print(f"Deleted the demo's {deleted} keys under {prefix!r}.")
+    finally:
+        await client.aclose()
+    return 0
+
+
+def _env_prefix() -> str:
+    return os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
+
+
+async def _run_demo(
+    console: Console, url: str | None, prefix: str, tasks: int, workers: int
+) -> None:
+    async with TaskQueueManager(redis_url=url, key_prefix=prefix) as manager:
+        # The failures are deliberate: a breaker opened by them would hold the
+        # rest of the demo back for its reset timeout.
+        config = QueueConfig(
+            name=DEMO_QUEUE,
+            max_workers=workers,
+            max_size=max(tasks, 1000),
+            circuit_breaker_max_failures=tasks,
+        )
+        await manager.create_queue(config)
+
+        started = time.perf_counter()
+        width = len(str(tasks))
+        task_ids = [f"demo-{n:0{width}d}" for n in range(1, tasks + 1)]
+        for number, task_id in enumerate(task_ids, start=1):
+            await manager.submit_task(task_id, DEMO_QUEUE, demo_task, number)
+        # Generous: the tasks need about tasks / workers * 0.175 s.
+        timeout = 30.0 + tasks / workers * 0.3
+        infos = await _wait_with_progress(console, manager, task_ids, timeout)
+        elapsed = time.perf_counter() - started
+
+        failed = [info for info in infos if info.status is TaskStatus.FAILED]
+        console.print(
+            f"{tasks} tasks on {workers} worker slots in {elapsed:.2f} s: "
+            f"{tasks - len(failed)} completed, {len(failed)} failed."
+        )
+        console.print(_outcomes_table(infos))
+        console.print(_status_table(await manager.get_queue_status(DEMO_QUEUE)))
+        if failed:
+            events = [
+                event
+                async for event in log.read(
+                    manager.client, QueueKeys(prefix, DEMO_QUEUE).log
+                )
+                if event.task_id == failed[0].task_id
+            ]
+            console.print(_log_table(failed[0].task_id, events))
+
+        differences = await manager.verify_projections(DEMO_QUEUE)
+        if differences:
+            console.print("Projections differ from the log:", style="bold red")
+            for difference in differences:
+                console.print(Text(f"  {difference}"))
+        else:
+            console.print("Verified: projections agree with the log.", style="green")
+
+
+async def _wait_with_progress(
+    console: Console, manager: TaskQueueManager, task_ids: list[str], timeout: float
+) -> list[TaskInfo]:
+    """Wait for every task, advancing a progress bar as each one ends."""
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("tasks ended", total=len(task_ids))
+
+        async def wait(task_id: str) -> TaskInfo:
+            info = await manager.wait_for_task(task_id, timeout=timeout)
+            progress.advance(bar)
+            return info
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                waits = [group.create_task(wait(task_id)) for task_id in task_ids]
+        except* KewError as errors:
+            raise errors.exceptions[0] from None
+
+    return [w.result() for w in waits]
+
+
+_STATUS_STYLE = {TaskStatus.COMPLETED: "green", TaskStatus.FAILED: "red"}
+
+
+def _outcomes_table(infos: list[TaskInfo]) -> Table:
+    table = Table(title="Outcomes")
+    table.add_column("task", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempt", justify="right")
+    table.add_column("result or error", overflow="fold")
+    table.add_column("run time", justify="right", no_wrap=True)
+    for info in infos:
+        outcome = info.error or json.dumps(info.result, separators=(",", ":"))
+        run_time = ""
+        if info.started_time is not None and info.completed_time is not None:
+            seconds = (info.completed_time - info.started_time).total_seconds()
+            run_time = f"{seconds:.3f} s"
+        table.add_row(
+            info.task_id,
+            Text(info.status.value, style=_STATUS_STYLE.get(info.status, "")),
+            str(info.attempt),
+            Text(outcome),
+            run_time,
+        )
+    return table
+
+
+def _status_table(status: dict[str, Any]) -> Table:
+    table = Table(title=f"get_queue_status({DEMO_QUEUE!r})")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", justify="right")
+    for name, value in status.items():
+        table.add_row(name, Text(str(value)))
+    return table
+
+
+def _log_table(task_id: str, events: list[Event]) -> Table:
+    table = Table(title=f"The log of failed task {task_id!r}", box=box.SIMPLE_HEAD)
+    for name in ("event id", "time", "type", "attempt", "actor"):
+        table.add_column(name, no_wrap=name != "actor", overflow="fold")
+    for event in events:
+        table.add_row(
+            event.id,
+            event.time.astimezone().strftime("%H:%M:%S.%f")[:-3],
+            event.type,
+            str(event.attempt),
+            Text(event.actor or ""),
+        )
+    errors = [f"{e.error_type}: {e.error}" for e in events if isinstance(e, TaskFailed)]
+    if errors:
+        table.caption = Text("task.failed: " + errors[-1])
+    return table
+
+
+async def _check_unused(client: aioredis.Redis, url: str, prefix: str) -> None:
+    """Refuse a prefix that already holds keys: the demo deletes everything
+    under its prefix at the end, so it must own all of it."""
+    cursor = 0
+    while True:
+        cursor, keys = cast(
+            tuple[int, list[str]],
+            await guarded(client.scan(cursor, match=f"{prefix}:*", count=1000)),
+        )
+        if keys:
+            raise KewError(
+                f"Key prefix {prefix!r} already holds keys on {_display_url(url)} "
+                f"(e.g. {keys[0]!r}), and the demo deletes everything under its "
+                "prefix when it ends. Leave out --prefix to get a fresh one, or "
+                "pick an unused prefix."
+            )
+        if cursor == 0:
+            return
+
+
+async def _delete_prefix(client: aioredis.Redis, prefix: str) -> int:
+    """UNLINK every key under `prefix:` and return how many there were.
+
+    `check_prefix` admits no glob characters, so the pattern matches literally.
+    """
+    deleted = 0
+    cursor = 0
+    while True:
+        cursor, keys = cast(
+            tuple[int, list[str]],
+            await guarded(client.scan(cursor, match=f"{prefix}:*", count=1000)),
+        )
+        for i in range(0, len(keys), 500):
+            deleted += await guarded(client.unlink(*keys[i : i + 500]))
+        if cursor == 0:
+            return deleted
+
+
+_SUBCOMMANDS: tuple[Callable[[AddParser], None], ...] = (_add_demo,)

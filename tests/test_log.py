@@ -1,0 +1,227 @@
+"""The event log and the projections folded from it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from kew import QueueConfig, TaskAlreadyExistsError, TaskQueueManager, TaskStatus
+from kew.events import (
+    Event,
+    TaskFailed,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+    codec,
+    decode,
+    encode,
+)
+from kew.events.log import read
+from kew.keys import QueueKeys
+from kew.projections import TaskState, apply, fold, fold_queue
+
+MakeManager = Callable[..., Awaitable[TaskQueueManager]]
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def fail(reason: str) -> None:
+    raise RuntimeError(reason)
+
+
+async def _events(client: aioredis.Redis, prefix: str, queue: str = "q") -> list[Event]:
+    return [e async for e in read(client, QueueKeys(prefix, queue).log)]
+
+
+async def test_log_holds_one_event_per_transition_in_order(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """submitted, started, succeeded: one event each, chained by `prev`."""
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("t", "q", add, 2, b=3)
+    await manager.wait_for_task("t", 10)
+
+    events = [e for e in await _events(client, prefix) if e.task_id == "t"]
+    assert [e.type for e in events] == [
+        "task.submitted",
+        "task.started",
+        "task.succeeded",
+    ]
+    submitted, started, succeeded = events
+    assert isinstance(submitted, TaskSubmitted)
+    assert submitted.args == [2]
+    assert submitted.kwargs == {"b": 3}
+    assert submitted.prev is None
+    assert submitted.attempt == 0
+    assert submitted.actor == manager.identity
+    assert isinstance(started, TaskStarted)
+    assert started.prev == submitted.id
+    assert started.attempt == 1
+    assert started.actor == manager.identity
+    assert isinstance(succeeded, TaskSucceeded)
+    assert succeeded.prev == started.id
+    assert succeeded.result == 5
+    assert submitted.time <= started.time <= succeeded.time
+
+    stored = await client.hgetall(QueueKeys(prefix, "q").task("t"))
+    assert stored["last_event"] == succeeded.id
+    assert stored["version"] == "3"
+
+
+async def test_log_fields_are_readable_with_plain_xrange(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """The stream's fields are flat words; only `data` holds JSON."""
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("f", "q", fail, "broken pipe")
+    await manager.wait_for_task("f", 10)
+    entries = await client.xrange(QueueKeys(prefix, "q").log)
+    failed = [fields for _, fields in entries if fields["type"] == "task.failed"]
+    assert len(failed) == 1
+    assert set(failed[0]) == {
+        "type",
+        "v",
+        "task_id",
+        "prev",
+        "attempt",
+        "actor",
+        "data",
+    }
+    assert json.loads(failed[0]["data"]) == {
+        "error": "broken pipe",
+        "error_type": "RuntimeError",
+    }
+
+
+async def test_rebuilt_projection_equals_stored_after_mixed_workload(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """Successes, failures and rejected duplicates: the fold of the log equals
+    the stored task hashes and stats, field for field."""
+    worker = await make_manager()
+    submitter = await make_manager(consume=False)
+    await worker.create_queue(QueueConfig(name="q", max_workers=5))
+    for i in range(30):
+        if i % 4 == 0:
+            await submitter.submit_task(f"t{i}", "q", fail, f"reason {i}")
+        else:
+            await submitter.submit_task(f"t{i}", "q", add, i, b=i)
+    for i in range(0, 30, 3):
+        with pytest.raises(TaskAlreadyExistsError):
+            await submitter.submit_task(f"t{i}", "q", add, 0, b=0)
+    infos = await asyncio.gather(
+        *(submitter.wait_for_task(f"t{i}", 10) for i in range(30))
+    )
+    assert sum(i.status is TaskStatus.FAILED for i in infos) == 8
+
+    assert await worker.verify_projections("q") == []
+    keys = QueueKeys(prefix, "q")
+    folded = await fold_queue(client, keys)
+    assert len(folded.tasks) == 30
+    for task_id, state in folded.tasks.items():
+        stored = await client.hgetall(keys.task(task_id))
+        assert TaskState.from_hash(task_id, stored) == state
+    assert folded.stats == {"completed": 22, "failed": 8}
+
+    # A projection edited by hand is reported, and a rebuild repairs it.
+    await client.hset(keys.task("t1"), "state", "failed")
+    await client.hincrby(keys.stats, "completed", 5)
+    differences = await worker.verify_projections("q")
+    assert [d.key for d in differences] == ["task t1", "stats"]
+    assert differences[0].fields == ["state"]
+    assert await worker.rebuild_projections("q") == folded.events
+    assert await worker.verify_projections("q") == []
+    assert (await worker.get_task_status("t1")).status is TaskStatus.COMPLETED
+
+
+def test_fold_is_pure_and_ignores_other_tasks() -> None:
+    """apply() builds state from events alone and leaves unrelated tasks be."""
+    submitted = TaskSubmitted(
+        id="1000-0",
+        type="task.submitted",
+        task_id="a",
+        name="m:f",
+        task_type="f",
+        priority=2,
+        args=[1],
+        kwargs={},
+    )
+    started = TaskStarted(
+        id="1001-0", type="task.started", task_id="a", attempt=1, actor="c", entry="9-0"
+    )
+    failed = TaskFailed(
+        id="1002-0", type="task.failed", task_id="a", attempt=1, error="boom"
+    )
+    other = TaskStarted(id="1003-0", type="task.started", task_id="b", entry="9-1")
+    state = fold([submitted, started, other, failed])["a"]
+    assert state.state == "failed"
+    assert state.version == 3
+    assert state.attempt == 1
+    assert state.owner == "c"
+    assert state.error == "boom"
+    assert (state.submitted_at, state.started_at, state.finished_at) == (
+        1000,
+        1001,
+        1002,
+    )
+    assert apply(None, started) is None
+
+
+def test_codec_round_trips_and_tolerates_unknown_input() -> None:
+    """Events survive encode/decode; unknown types and fields do not break a
+    reader, and old versions pass through the upcasters."""
+    event = TaskSucceeded(
+        id="5-1", type="task.succeeded", task_id="x", attempt=2, result={"k": [1]}
+    )
+    assert decode(event.id, encode(event)) == event
+
+    future = decode("6-0", {"type": "task.teleported", "v": "3", "task_id": "x"})
+    assert type(future) is Event
+    assert future.type == "task.teleported"
+
+    extra = decode(
+        "7-0",
+        {
+            "type": "task.failed",
+            "v": "1",
+            "task_id": "x",
+            "data": '{"error": "e", "hint": "new field"}',
+        },
+    )
+    assert isinstance(extra, TaskFailed)
+    assert extra.error == "e"
+
+
+def test_upcaster_upgrades_an_old_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader applies the upcaster chain for versions older than the model's."""
+
+    def rename(raw: dict[str, Any]) -> dict[str, Any]:
+        raw["error"] = raw.pop("message")
+        return raw
+
+    monkeypatch.setattr(TaskFailed, "VERSION", 2)
+    monkeypatch.setitem(codec.UPCASTERS, ("task.failed", 1), rename)
+    event = decode(
+        "8-0",
+        {"type": "task.failed", "v": "1", "task_id": "x", "data": '{"message":"m"}'},
+    )
+    assert isinstance(event, TaskFailed)
+    assert event.error == "m"
+    assert event.v == 2
+
+
+async def test_queue_creation_is_logged(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """create_queue appends queue.configured with the stored configuration."""
+    await manager.create_queue(QueueConfig(name="q", max_workers=3))
+    (event,) = await _events(client, prefix)
+    assert event.type == "queue.configured"
+    assert getattr(event, "config")["max_workers"] == 3  # noqa: B009
