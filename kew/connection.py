@@ -16,6 +16,7 @@ Two redis-py settings are deliberate:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from redis.backoff import NoBackoff
 from kew.errors import ConfigurationError, ServerVersionError
 from kew.functions import guarded
 
-__all__ = ["URL_ENV", "check_server", "make_client", "resolve_url"]
+__all__ = ["URL_ENV", "check_server", "make_client", "resolve_url", "safe_url"]
 
 URL_ENV = "KEW_REDIS_URL"
 _SCHEMES = ("redis", "rediss", "unix")
@@ -46,6 +47,16 @@ def resolve_url(redis_url: str | None) -> str | None:
             "rediss://... for TLS, or unix:///path/to/socket."
         )
     return url
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password (in the user part or the query) masked, for
+    logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = url.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def make_client(

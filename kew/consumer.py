@@ -174,6 +174,9 @@ class Consumer:
         self.on_finished = on_finished
         self.permits = Permits(config.max_workers)
         self.running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
+        self.finishing: set[str] = set()
+        """Entries whose outcome is being recorded: still held (and renewed)
+        until `finish` answers, but never cancelled as lost meanwhile."""
         self.waiting: dict[str, str] = {}
         """Entries received by a blocking read, not yet started: entry -> stream."""
         self._batcher = FinishBatcher(self._record)
@@ -353,6 +356,7 @@ class Consumer:
     async def _run(self, attempt: Attempt) -> None:
         try:
             outcome = await self._execute(attempt)
+            self.finishing.add(attempt.entry)
             row = await self._batcher.finish(outcome)
             if row[0] == "ok":
                 self.on_finished(self.keys.queue, attempt.task_id)
@@ -383,6 +387,7 @@ class Consumer:
                 attempt.attempt,
             )
         finally:
+            self.finishing.discard(attempt.entry)
             current = self.running.get(attempt.task_id)
             if current is not None and current[0] is attempt:
                 del self.running[attempt.task_id]
@@ -516,7 +521,9 @@ class Consumer:
 
     def _forget(self, lost: set[str]) -> None:
         for attempt, task in list(self.running.values()):
-            if attempt.entry in lost:
+            # An entry whose outcome is being recorded is gone from the server
+            # because `finish` acknowledged it first: not lost.
+            if attempt.entry in lost and attempt.entry not in self.finishing:
                 logger.warning(
                     "consumer %s lost its lease on task %r attempt %s (another "
                     "consumer took it over); cancelling the local run",
@@ -551,7 +558,8 @@ def _failure(
         attempt.name,
         attempt.attempt,
         error,
-        exc_info=exc,
     )
+    if exc is not None:
+        logger.debug("task %r failed with", attempt.task_id, exc_info=exc)
     data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
     return Outcome(attempt, False, error, data, error_type)

@@ -32,6 +32,8 @@ LEVELS = ("high", "medium", "low")
 """Ready stream levels, in the order a strict reader drains them."""
 
 DEFAULT_PREFIX = "kew"
+PREFIX_ENV = "KEW_KEY_PREFIX"
+"""The environment variable that sets the prefix when none is passed."""
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.\-:]{1,100}$")

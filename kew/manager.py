@@ -19,7 +19,7 @@ from typing import Any, Self, cast
 import redis.asyncio as aioredis
 
 from kew import functions
-from kew.connection import check_server, make_client, resolve_url
+from kew.connection import check_server, make_client, resolve_url, safe_url
 from kew.consumer import Attempt, Consumer
 from kew.errors import (
     ConfigurationError,
@@ -35,7 +35,14 @@ from kew.errors import (
 from kew.events.models import entry_time
 from kew.functions import guarded
 from kew.hooks import Hook, Hooks
-from kew.keys import DEFAULT_PREFIX, GROUP, QueueKeys, check_prefix, queue_directory
+from kew.keys import (
+    DEFAULT_PREFIX,
+    GROUP,
+    PREFIX_ENV,
+    QueueKeys,
+    check_prefix,
+    queue_directory,
+)
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.projections import Difference, rebuild, verify
 from kew.registry import Registry
@@ -48,7 +55,6 @@ __all__ = ["TaskQueueManager"]
 
 logger = logging.getLogger(__name__)
 
-PREFIX_ENV = "KEW_KEY_PREFIX"
 _REMEMBERED_TASKS = 100_000
 
 
@@ -151,7 +157,7 @@ class TaskQueueManager:
         logger.info(
             "kew manager %s connected to %s (server %s, prefix %r)",
             self.identity,
-            _safe_url(url),
+            safe_url(url),
             version,
             self.key_prefix,
         )
@@ -501,8 +507,9 @@ class TaskQueueManager:
             async with client.pipeline(transaction=False) as pipe:
                 for p in pending:
                     pipe.xrange(stream, p["message_id"], p["message_id"])
-                for entries in cast(list[Any], await guarded(pipe.execute())):
-                    ids += [fields["task_id"] for _, fields in entries]
+                results: list[Any] = await guarded(pipe.execute())
+            for entries in results:
+                ids += [fields["task_id"] for _, fields in entries]
         return ids
 
     # -- projections -----------------------------------------------------
@@ -575,11 +582,3 @@ def _check_submitted(reply: list[str], queue_name: str) -> None:
             "hand?); create it again with create_queue."
         )
     raise KewError(f"Unexpected reply from the submit function: {reply!r}")
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,114 @@
+"""The `kew` command, run as `python -m kew` in a child process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import redis.asyncio as aioredis
+
+from kew.connection import URL_ENV
+from kew.manager import PREFIX_ENV
+
+TIMEOUT = 60.0
+
+
+def run_kew(*args: str, url: str | None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kew ARGS` with KEW_REDIS_URL set to `url` (unset if None)."""
+    env = {k: v for k, v in os.environ.items() if k not in (URL_ENV, PREFIX_ENV)}
+    if url is not None:
+        env[URL_ENV] = url
+    return subprocess.run(
+        [sys.executable, "-m", "kew", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+async def keys_under(client: aioredis.Redis, prefix: str) -> list[str]:
+    return [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+
+
+def assert_demo_output(stdout: str) -> None:
+    assert re.search(r"demo-07 +│ failed", stdout), stdout
+    assert re.search(r"demo-01 +│ completed", stdout), stdout
+    assert "15/15" in stdout
+    assert "\x1b[" not in stdout, "colour codes in output that is not a terminal"
+    log_lines = [
+        line for line in stdout.splitlines() if re.match(r"\s*\d{10,}-\d+\s", line)
+    ]
+    types = [t for line in log_lines for t in re.findall(r"task\.\w+", line)]
+    assert types == ["task.submitted", "task.started", "task.failed"], stdout
+    assert "projections agree with the log" in stdout
+
+
+async def test_demo_runs_and_deletes_its_keys(
+    redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """The demo shows outcomes, a failed task's log and verify, then cleans up."""
+    done = run_kew(
+        "--prefix", prefix, "demo", "--tasks", "15", "--workers", "4", url=redis_url
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert_demo_output(done.stdout)
+    assert f"Key prefix: {prefix!r}" in done.stdout
+    assert "Traceback" not in done.stderr
+    assert await keys_under(client, prefix) == []
+
+
+async def test_demo_keep_leaves_the_keys(
+    redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """`--keep` leaves the demo's log and projections on the server."""
+    done = run_kew("--prefix", prefix, "demo", "--tasks", "8", "--keep", url=redis_url)
+
+    assert done.returncode == 0, done.stderr
+    keys = await keys_under(client, prefix)
+    assert f"{prefix}:{{demo}}:log" in keys
+    assert await client.xlen(f"{prefix}:{{demo}}:log") > 8
+
+
+async def test_demo_refuses_a_prefix_that_holds_keys(
+    redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """A given prefix that already holds keys is refused and left untouched."""
+    await client.set(f"{prefix}:someone-else", "precious")
+
+    done = run_kew("--prefix", prefix, "demo", "--tasks", "3", url=redis_url)
+
+    assert done.returncode == 1
+    assert "already holds keys" in done.stderr
+    assert await keys_under(client, prefix) == [f"{prefix}:someone-else"]
+
+
+def test_unreachable_server_is_one_line_on_stderr() -> None:
+    """An unreachable server gives exit code 1 and one line on stderr."""
+    done = run_kew("demo", url="redis://127.0.0.1:1/0")
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("kew: error: Cannot reach the Redis server")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_argument_names_the_value() -> None:
+    """A bad --tasks is an argparse error that shows the value."""
+    done = run_kew("demo", "--tasks", "0", url="redis://127.0.0.1:1/0")
+
+    assert done.returncode == 2
+    assert "'0' is not valid" in done.stderr
+
+
+def test_demo_without_a_url_uses_the_embedded_server() -> None:
+    """With no URL at all the demo runs on the embedded server (no Redis needed)."""
+    done = run_kew("demo", "--tasks", "15", "--workers", "4", url=None)
+
+    assert done.returncode == 0, done.stderr
+    assert "Server: embedded" in done.stdout
+    assert_demo_output(done.stdout)
