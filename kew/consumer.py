@@ -2,34 +2,40 @@
 
 Invariants:
 
-* A permit is taken before an entry is claimed, never after: the fetch asks
-  the server for at most as many entries as there are free permits, and a
-  reclaim takes over at most as many. The one exception is a blocking read
-  over several ready streams, which may return one entry per stream; those
-  entries are held (and their leases renewed) until permits free up.
+* A slot (a permit of the queue, and a unit of the manager's shared capacity
+  if it has one) is taken before an entry is claimed, never after: the fetch
+  asks the server for at most as many entries as there are free slots, and a
+  takeover claims at most as many. The one exception is a blocking read over
+  several ready streams, which may return one entry per stream; those entries
+  are held (and their leases renewed) until slots free up.
 * Every entry this consumer holds, running or waiting, is renewed every third
   of the lease by `maintain`. Entries it holds that someone else now owns are
   reported as lost, and their local attempt is cancelled: the new owner runs
   the task, and this consumer's outcome would be fenced anyway.
 * Outcomes are recorded by `finish`, batched: attempts that end in the same
-  turn of the event loop share one round trip. A permit is released only after
+  turn of the event loop share one round trip. A slot is released only after
   its outcome is recorded, so the server never shows more attempts of this
-  consumer in progress than it has permits.
+  consumer in progress than it has slots.
 * Cancellation (shutdown, or the event loop closing) never loses a task: an
   attempt that did not record its outcome stays pending under this consumer
-  and is handed back (`release`) or reclaimed after the lease.
+  and is handed back (`release`) or taken over after the lease.
+* The task function runs in a task of its own, so that `cancel_task` can
+  cancel the function without cancelling the bookkeeping around it.
+
+Policies (retries, the breaker, due times) are decided by the functions; this
+module only waits as they say: until the breaker's reset time, until the next
+due task, or for a new entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 import pydantic_core
@@ -37,114 +43,24 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from kew import functions
+from kew.attempts import Attempt, FinishBatcher, Outcome
 from kew.errors import KewError
 from kew.hooks import Hooks
 from kew.keys import GROUP, LEVELS, QueueKeys
 from kew.models import QueueConfig
+from kew.permits import Slots
 from kew.registry import Registry
 
-__all__ = ["Attempt", "Consumer"]
+__all__ = ["Consumer"]
 
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 10_000
 """How long one blocking read waits for a new entry before it is reissued."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Attempt:
-    """One started attempt, as the fetch, start or maintain function returns it."""
-
-    task_id: str
-    entry: str
-    attempt: int
-    version: int
-    name: str
-    args: str
-    tp: str
-    ready: str
-
-    @classmethod
-    def from_row(cls, row: list[str]) -> Attempt:
-        _, task_id, entry, attempt, version, name, args, tp, ready = row
-        return cls(task_id, entry, int(attempt), int(version), name, args, tp, ready)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    attempt: Attempt
-    succeeded: bool
-    value: str
-    """The result as JSON, or the error message."""
-    data: str
-    """The event's data, as JSON."""
-    error_type: str | None = None
-
-
-class Permits:
-    """A counting semaphore that can also hand out every free permit at once."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._changed = asyncio.Event()
-
-    @property
-    def in_use(self) -> int:
-        return self.total - self.free
-
-    async def acquire(self, n: int = 1) -> None:
-        while self.free < n:
-            self._changed.clear()
-            await self._changed.wait()
-        self.free -= n
-
-    def take_free(self) -> int:
-        n, self.free = self.free, 0
-        return n
-
-    def release(self, n: int = 1) -> None:
-        if n:
-            self.free += n
-            self._changed.set()
-
-
-class FinishBatcher:
-    """Records outcomes, one `finish` call for all those that arrive together."""
-
-    def __init__(self, record: Callable[[list[Outcome]], Awaitable[list[list[str]]]]):
-        self._record = record
-        self._pending: list[tuple[Outcome, asyncio.Future[list[str]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def finish(self, outcome: Outcome) -> list[str]:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:500], self._pending[500:]
-                try:
-                    rows = await self._record([outcome for outcome, _ in batch])
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), row in zip(batch, rows, strict=True):
-                    if not future.done():
-                        future.set_result(row)
-        finally:
-            self._flusher = None
-
-    async def drain(self) -> None:
-        """Wait until every outcome handed in so far is recorded."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+HALF_OPEN_PAUSE = 0.25
+"""How long to wait before asking again while every trial slot of a half-open
+breaker is taken (the only state in which a consumer polls)."""
+_QUIET_SKIPS = ("task is cancelled", "the circuit breaker holds it")
 
 
 class Consumer:
@@ -159,6 +75,7 @@ class Consumer:
         config: QueueConfig,
         name: str,
         registry: Registry,
+        slots: Slots,
         expiry_seconds: int,
         hooks: Hooks,
         on_finished: Callable[[str, str], None],
@@ -169,22 +86,26 @@ class Consumer:
         self.config = config
         self.name = name
         self.registry = registry
+        self.slots = slots
         self.expiry_seconds = expiry_seconds
         self.hooks = hooks
         self.on_finished = on_finished
-        self.permits = Permits(config.max_workers)
         self.running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
-        self.waiting: dict[str, str] = {}
-        """Entries received by a blocking read, not yet started: entry -> stream."""
+        self.waiting: dict[str, tuple[str, str]] = {}
+        """Entries received by a blocking read, not yet started:
+        entry -> (stream, task id)."""
+        self._functions: dict[str, asyncio.Future[Any]] = {}
         self._batcher = FinishBatcher(self._record)
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
         self._maintainer: asyncio.Task[None] | None = None
-        self._read: asyncio.Task[Any] | None = None
-        self._stopped = asyncio.Event()
+        self._read: asyncio.Future[Any] | None = None
+        self._weights = config.priority_weights
+        self._credit = [0, 0, 0]
 
     # -- lifecycle -------------------------------------------------------
 
@@ -204,7 +125,6 @@ class Consumer:
         self._stopped.set()
         if self._read is not None:
             self._read.cancel()
-        self.permits.release(0)
         if self._fetcher is not None:
             self._fetcher.cancel()
             await asyncio.gather(self._fetcher, return_exceptions=True)
@@ -224,14 +144,20 @@ class Consumer:
             released = await functions.call(
                 self.client,
                 "release",
-                [self.keys.log, self.keys.stats, *self.keys.ready_all],
-                [self.name, self.keys.task_prefix, "shutdown"],
+                self.keys.queue_keys,
+                [
+                    self.name,
+                    self.keys.task_prefix,
+                    "its consumer shut down",
+                    self.expiry_seconds,
+                    self.keys.finished_channel,
+                ],
             )
             await functions.guarded(self.client.delete(self.keys.worker(self.name)))
-        except (KewError, rex.RedisError, OSError) as exc:
+        except KewError as exc:
             logger.warning(
                 "consumer %s could not hand back its entries (%s); they will be "
-                "reclaimed after the lease",
+                "taken over after the lease",
                 self.name,
                 exc,
             )
@@ -244,6 +170,18 @@ class Consumer:
                     self.keys.queue,
                 )
         logger.info("consumer %s left queue %s", self.name, self.keys.queue)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel the running task function of `task_id`, if it runs here."""
+        function = self._functions.get(task_id)
+        if function is None or function.done():
+            return False
+        function.cancel()
+        return True
+
+    @property
+    def busy(self) -> int:
+        return len(self.running)
 
     # -- fetching --------------------------------------------------------
 
@@ -261,50 +199,85 @@ class Consumer:
                     exc,
                     backoff,
                 )
-                await asyncio.sleep(backoff)
+                await self._pause(backoff)
                 backoff = min(backoff * 2, 5.0)
 
     async def _fetch_once(self) -> None:
-        await self.permits.acquire()
-        n = 1 + self.permits.take_free()
+        await self.slots.acquire()
+        n = 1 + self.slots.take_free()
+        args: list[str | int] = [
+            self.name,
+            n,
+            self.keys.task_prefix,
+            self.expiry_seconds,
+            self.keys.finished_channel,
+        ]
+        if self._weights is not None:
+            args += self._quotas(n)
         try:
             reply = await functions.call(
-                self.client,
-                "fetch",
-                [self.keys.log, self.keys.stats, *self.keys.ready_all],
-                [self.name, n, self.keys.task_prefix],
+                self.client, "fetch", self.keys.queue_keys, args
             )
         except BaseException:
-            self.permits.release(n)
+            self.slots.release(n)
             raise
-        rows = functions.rows(reply)
-        self.permits.release(n - self._dispatch(rows))
+        rows, next_due, gate, now = cast(tuple[list[list[str]], str, str, int], reply)
+        self.slots.release(n - self._dispatch(rows))
         if rows or self._stopping:
             return
+        if gate.startswith("open:"):
+            await self._pause((int(gate[5:]) - int(now)) / 1000)
+            return
+        if gate == "half_open":
+            await self._pause(HALF_OPEN_PAUSE)
+            return
+        block = BLOCK_MS
+        if next_due:
+            block = max(1, min(block, int(float(next_due)) - int(now)))
+        await self._read_and_start(block)
 
-        entries = await self._blocking_read()
+    def _quotas(self, n: int) -> list[int]:
+        """Split n entries among the levels by smooth weighted round robin; the
+        credit carries over, so shares hold even when n is 1 at a time."""
+        weights = cast(tuple[int, int, int], self._weights)
+        total = sum(weights)
+        quotas = [0, 0, 0]
+        for _ in range(n):
+            for i, weight in enumerate(weights):
+                self._credit[i] += weight
+            best = max(range(3), key=lambda i: self._credit[i])
+            self._credit[best] -= total
+            quotas[best] += 1
+        return quotas
+
+    async def _read_and_start(self, block_ms: int) -> None:
+        entries = await self._blocking_read(block_ms)
         if not entries:
             return
-        for stream, entry, _ in entries:
-            self.waiting[entry] = stream
+        for stream, entry, task_id in entries:
+            self.waiting[entry] = (stream, task_id)
         try:
-            await self.permits.acquire(len(entries))
-            keys = [self.keys.log, self.keys.stats]
-            args: list[str] = [self.name]
+            await self.slots.acquire(len(entries))
+            args: list[str | int] = [
+                self.name,
+                self.expiry_seconds,
+                self.keys.finished_channel,
+            ]
+            keys = list(self.keys.queue_keys)
             for stream, entry, task_id in entries:
-                keys += [stream, self.keys.task(task_id)]
-                args += [entry, task_id]
+                keys.append(self.keys.task(task_id))
+                args += [entry, task_id, self._level(stream)]
             try:
                 reply = await functions.call(self.client, "start", keys, args)
             except BaseException:
-                self.permits.release(len(entries))
+                self.slots.release(len(entries))
                 raise
         finally:
             for _, entry, _ in entries:
                 self.waiting.pop(entry, None)
-        self.permits.release(len(entries) - self._dispatch(functions.rows(reply)))
+        self.slots.release(len(entries) - self._dispatch(functions.rows(reply)))
 
-    async def _blocking_read(self) -> list[tuple[str, str, str]]:
+    async def _blocking_read(self, block_ms: int) -> list[tuple[str, str, str]]:
         """Wait for a new entry on any ready stream; return (stream, entry id,
         task id) of each entry delivered."""
         self._read = asyncio.ensure_future(
@@ -313,7 +286,7 @@ class Consumer:
                 self.name,
                 dict.fromkeys(self.keys.ready_all, ">"),
                 count=1,
-                block=BLOCK_MS,
+                block=block_ms,
             )
         )
         try:
@@ -330,12 +303,25 @@ class Consumer:
                 entries.append((stream, entry_id, fields.get("task_id", "")))
         return entries
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless the consumer is stopped meanwhile."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
+
+    def _level(self, stream: str) -> int:
+        return self.keys.ready_all.index(stream) + 1
+
     def _dispatch(self, rows: list[list[str]]) -> int:
         """Start a local run for each started attempt; return how many."""
         started = 0
         for row in rows:
             if row[0] != "started":
-                logger.warning(
+                quiet = row[3] in _QUIET_SKIPS
+                logger.log(
+                    logging.DEBUG if quiet else logging.WARNING,
                     "consumer %s skipped entry %s of task %r: %s",
                     self.name,
                     row[2],
@@ -359,7 +345,8 @@ class Consumer:
             self.finishing.add(attempt.entry)
             row = await self._batcher.finish(outcome)
             if row[0] == "ok":
-                self.on_finished(self.keys.queue, attempt.task_id)
+                if row[2] != "retry":
+                    self.on_finished(self.keys.queue, attempt.task_id)
                 if not self.hooks.empty:
                     await self.hooks.after(attempt, outcome)
             else:
@@ -381,7 +368,7 @@ class Consumer:
         except Exception:
             logger.exception(
                 "consumer %s could not record task %r attempt %s; it will be "
-                "reclaimed after the lease",
+                "taken over after the lease",
                 self.name,
                 attempt.task_id,
                 attempt.attempt,
@@ -391,7 +378,7 @@ class Consumer:
             current = self.running.get(attempt.task_id)
             if current is not None and current[0] is attempt:
                 del self.running[attempt.task_id]
-            self.permits.release()
+            self.slots.release()
 
     async def _execute(self, attempt: Attempt) -> Outcome:
         started = time.perf_counter()
@@ -406,21 +393,32 @@ class Consumer:
             )
         if self.hooks.on_task_start is not None:
             await self.hooks.before(attempt)
+        arguments = json.loads(attempt.args)
+        run = asyncio.ensure_future(
+            function.run(arguments["args"], arguments["kwargs"])
+        )
+        self._functions[attempt.task_id] = run
         try:
-            arguments = json.loads(attempt.args)
-            async with asyncio.timeout(self.config.task_timeout):
-                result = await function.run(arguments["args"], arguments["kwargs"])
+            async with asyncio.timeout(attempt.timeout):
+                result = await run
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this consumer is stopping
+            logger.info("task %r cancelled on request", attempt.task_id)
+            return Outcome(attempt, "cancelled", "", '{"reason":"cancel_task"}')
         except TimeoutError as exc:
-            if self.config.task_timeout is not None and not str(exc):
+            if attempt.timeout is not None and run.cancelled():
                 return _failure(
                     attempt,
-                    f"Task timed out after {self.config.task_timeout}s",
+                    f"Task timed out after {attempt.timeout:g}s",
                     "TimeoutError",
-                    exc,
                 )
             return _failure(attempt, _describe(exc), _type_name(exc), exc)
         except Exception as exc:
             return _failure(attempt, _describe(exc), _type_name(exc), exc)
+        finally:
+            self._functions.pop(attempt.task_id, None)
         try:
             value = pydantic_core.to_json(result).decode()
         except pydantic_core.PydanticSerializationError as exc:
@@ -438,26 +436,28 @@ class Consumer:
             self.keys.queue,
             time.perf_counter() - started,
         )
-        return Outcome(attempt, True, value, '{"result":' + value + "}")
+        return Outcome(attempt, "succeeded", value, '{"result":' + value + "}")
 
     async def _record(self, outcomes: list[Outcome]) -> list[list[str]]:
-        keys = [self.keys.log, self.keys.stats]
-        args: list[str | int] = [
+        keys = list(self.keys.queue_keys)
+        args: list[str | int | float] = [
             self.name,
             self.expiry_seconds,
             self.keys.finished_channel,
         ]
         for o in outcomes:
             a = o.attempt
-            keys += [a.ready, self.keys.task(a.task_id)]
+            keys.append(self.keys.task(a.task_id))
             args += [
                 a.task_id,
                 a.entry,
+                self._level(a.ready),
                 str(a.attempt),
                 str(a.version),
-                "succeeded" if o.succeeded else "failed",
+                o.kind,
                 o.value,
                 o.data,
+                random.random(),
             ]
         return functions.rows(await functions.call(self.client, "finish", keys, args))
 
@@ -476,48 +476,45 @@ class Consumer:
                     exc,
                 )
             # A little jitter keeps many consumers from renewing in lockstep.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval * random.uniform(0.9, 1.0)):
-                    await self._stopped.wait()
+            await self._pause(interval * random.uniform(0.9, 1.0))
 
     async def _maintain_once(self) -> None:
         held: dict[str, list[str]] = {stream: [] for stream in self.keys.ready_all}
         for attempt, _ in self.running.values():
-            held[attempt.ready].append(attempt.entry)
-        for entry, stream in self.waiting.items():
-            held[stream].append(entry)
-        room = 0 if self._stopping else self.permits.take_free()
+            held[attempt.ready] += [attempt.entry, attempt.task_id]
+        for entry, (stream, task_id) in self.waiting.items():
+            held[stream] += [entry, task_id]
+        room = 0 if self._stopping else self.slots.take_free()
         lease_ms = int(self.config.lease_seconds * 1000)
         args: list[str | int] = [
             self.name,
             lease_ms,
             lease_ms,
-            json.dumps({"queue": self.keys.queue, "max_workers": self.permits.total}),
+            json.dumps({"queue": self.keys.queue, "max_workers": self.slots.total}),
             self.keys.task_prefix,
             room,
+            self.expiry_seconds,
+            self.keys.finished_channel,
         ]
         for level in LEVELS:
-            ids = held[self.keys.ready(level)]
-            args += [len(ids), *ids]
+            pairs = held[self.keys.ready(level)]
+            args += [len(pairs) // 2, *pairs]
         try:
             reply = await functions.call(
                 self.client,
                 "maintain",
-                [
-                    self.keys.log,
-                    self.keys.stats,
-                    self.keys.worker(self.name),
-                    *self.keys.ready_all,
-                ],
+                [*self.keys.queue_keys, self.keys.worker(self.name)],
                 args,
             )
         except BaseException:
-            self.permits.release(room)
+            self.slots.release(room)
             raise
-        lost, rows = cast(tuple[list[str], list[list[str]]], reply)
-        self.permits.release(room - self._dispatch(rows))
+        lost, rows, cancel = cast(tuple[list[str], list[list[str]], list[str]], reply)
+        self.slots.release(room - self._dispatch(rows))
         if lost:
             self._forget(set(lost))
+        for task_id in cancel:
+            self.cancel(task_id)
 
     def _forget(self, lost: set[str]) -> None:
         for attempt, task in list(self.running.values()):
@@ -532,12 +529,6 @@ class Consumer:
                     attempt.attempt,
                 )
                 task.cancel()
-
-    # -- status ----------------------------------------------------------
-
-    @property
-    def busy(self) -> int:
-        return len(self.running)
 
 
 def _type_name(exc: BaseException) -> str:
@@ -562,4 +553,4 @@ def _failure(
     if exc is not None:
         logger.debug("task %r failed with", attempt.task_id, exc_info=exc)
     data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
-    return Outcome(attempt, False, error, data, error_type)
+    return Outcome(attempt, "failed", error, data, error_type)

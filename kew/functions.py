@@ -1,5 +1,7 @@
 """The Redis Functions library: loading it, calling it, and translating errors.
 
+The library's source is the files of kew/lua joined in name order.
+
 The library's name carries a digest of its source (`kew_<digest>`), and so do
 its functions' names. Two versions of kew can therefore run against one server
 side by side (a rolling deploy) without replacing each other's functions, and
@@ -28,7 +30,11 @@ from kew.keys import GROUP
 
 logger = logging.getLogger(__name__)
 
-_TEMPLATE = resources.files("kew.lua").joinpath("kew.lua").read_text("utf-8")
+_TEMPLATE = "\n".join(
+    part.read_text("utf-8")
+    for part in sorted(resources.files("kew.lua").iterdir(), key=lambda p: p.name)
+    if part.name.endswith(".lua")
+)
 DIGEST = hashlib.sha1(_TEMPLATE.encode()).hexdigest()[:12]
 LIBRARY = f"kew_{DIGEST}"
 SOURCE = _TEMPLATE.replace("__LIB__", LIBRARY).replace("__GROUP__", GROUP)

@@ -5,7 +5,8 @@ A hook receives the task's `TaskInfo` (and `on_task_fail` the error message as
 an exception). A hook that raises is logged and ignored: a hook never kills a
 consumer or changes a task's outcome. Hooks run inside the attempt's worker
 slot, so a slow hook holds a permit. `on_task_fail` runs after every failed
-attempt, as in the earlier release.
+attempt, including those that will be retried (the TaskInfo then shows status
+`retry`), as in the earlier release. A cancelled task calls no hook.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kew.consumer import Attempt, Outcome
+    from kew.attempts import Attempt, Outcome
 
 __all__ = ["Hook", "Hooks"]
 
@@ -62,7 +63,7 @@ class Hooks:
         if outcome.succeeded:
             if self.on_task_complete is not None:
                 await _call(self.on_task_complete, await self.describe(attempt))
-        elif self.on_task_fail is not None:
+        elif outcome.kind == "failed" and self.on_task_fail is not None:
             await _call(
                 self.on_task_fail,
                 await self.describe(attempt),

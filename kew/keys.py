@@ -16,6 +16,7 @@ outside it.
     <prefix>:{<q>}:dlq                  stream: dead letters
     <prefix>:{<q>}:worker:<consumer>    string with TTL: liveness of a consumer
     <prefix>:{<q>}:finished             pub/sub channel: ids of tasks that ended
+    <prefix>:{<q>}:cancel               pub/sub channel: running tasks to cancel
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ class QueueKeys:
     @property
     def ready_all(self) -> list[str]:
         return [self.ready(level) for level in LEVELS]
+
+    @property
+    def queue_keys(self) -> list[str]:
+        """The keys every function of the library takes first, in its order."""
+        return [self.log, self.stats, self.config, self.breaker, self.sched] + [
+            self.ready(level) for level in LEVELS
+        ]
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: ids of running tasks asked to cancel."""
+        return f"{self.base}:cancel"
 
     def task(self, task_id: str) -> str:
         return f"{self.base}:task:{task_id}"

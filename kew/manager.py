@@ -14,21 +14,20 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, Self, cast
 
 import redis.asyncio as aioredis
 
 from kew import functions
+from kew.attempts import Attempt
 from kew.connection import check_server, make_client, resolve_url, safe_url
-from kew.consumer import Attempt, Consumer
+from kew.consumer import Consumer
 from kew.errors import (
     ConfigurationError,
     KewError,
     QueueAlreadyExistsError,
-    QueueFullError,
     QueueNotFoundError,
-    ServerError,
-    TaskAlreadyExistsError,
     TaskNotFoundError,
     WaitTimeoutError,
 )
@@ -37,18 +36,31 @@ from kew.functions import guarded
 from kew.hooks import Hook, Hooks
 from kew.keys import (
     DEFAULT_PREFIX,
-    GROUP,
     PREFIX_ENV,
     QueueKeys,
     check_prefix,
     queue_directory,
 )
 from kew.models import QueueConfig, TaskInfo, TaskStatus
+from kew.permits import Permits, SharedCapacity, Slots
 from kew.projections import Difference, rebuild, verify
 from kew.registry import Registry
 from kew.registry import registry as default_registry
 from kew.server import EmbeddedServer
-from kew.submission import prepare, task_info
+from kew.status import (
+    find_task,
+    ongoing_tasks,
+    prune_consumers,
+    queue_status,
+    task_info,
+)
+from kew.submission import (
+    Submission,
+    check_submit_reply,
+    options,
+    prepare,
+    prepare_batch,
+)
 from kew.waiters import Waiters
 
 __all__ = ["TaskQueueManager"]
@@ -80,6 +92,9 @@ class TaskQueueManager:
     this process. `cleanup_on_start` removes consumers that are gone and hold
     nothing; it never deletes tasks. `consume=False` makes a manager that
     submits and reads status but runs no tasks (e.g. a web process).
+    `max_concurrency` caps the tasks this process runs across all its queues;
+    when queues wait for that shared capacity, the one with the most urgent
+    `QueueConfig.priority` is served first.
     """
 
     def __init__(
@@ -90,6 +105,7 @@ class TaskQueueManager:
         *,
         key_prefix: str | None = None,
         consume: bool = True,
+        max_concurrency: int | None = None,
         max_connections: int = 100,
         registry: Registry | None = None,
         on_task_start: Hook | None = None,
@@ -112,6 +128,19 @@ class TaskQueueManager:
             key_prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
         )
         self.consume = consume
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+            or isinstance(max_concurrency, bool)
+            or max_concurrency < 1
+        ):
+            raise ConfigurationError(
+                f"max_concurrency={max_concurrency!r} is not valid: give a whole "
+                "number of 1 or more, or None for no limit across queues."
+            )
+        self.max_concurrency = max_concurrency
+        self._shared = (
+            SharedCapacity(max_concurrency) if max_concurrency is not None else None
+        )
         self.max_connections = max_connections
         self.registry = registry or default_registry
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -162,7 +191,10 @@ class TaskQueueManager:
             self.key_prefix,
         )
         if self.cleanup_on_start:
-            await self._prune_consumers()
+            names = await self._queue_names()
+            await prune_consumers(
+                client, [QueueKeys(self.key_prefix, name) for name in names]
+            )
 
     async def __aenter__(self) -> Self:
         await self.initialize()
@@ -230,7 +262,7 @@ class TaskQueueManager:
         outcome = await functions.call(
             client,
             "create_queue",
-            [keys.log, keys.config, *keys.ready_all],
+            keys.queue_keys,
             [self.identity, encoded, *fields],
         )
         await guarded(
@@ -241,24 +273,32 @@ class TaskQueueManager:
         logger.info("queue %s %s", config.name, outcome)
         if self.consume:
             self._start_consumer(queue)
+            consumer = queue.consumer
+            assert consumer is not None
+            await cast(Waiters, self._waiters).listen(
+                keys.cancel_channel, consumer.cancel
+            )
 
     def _start_consumer(self, queue: _Queue) -> None:
         assert self.redis_url is not None or self._server is not None
         url = self.redis_url or cast(EmbeddedServer, self._server).url
         assert url is not None
         queue.blocking_client = make_client(url, blocking=True)
-        queue.consumer = Consumer(
+        config = queue.config
+        consumer = Consumer(
             client=self.client,
             blocking_client=queue.blocking_client,
             keys=queue.keys,
-            config=queue.config,
+            config=config,
             name=self.identity,
             registry=self.registry,
+            slots=Slots(Permits(config.max_workers), self._shared, config.priority),
             expiry_seconds=self.task_expiry_seconds,
             hooks=self._hooks,
             on_finished=self._task_finished,
         )
-        queue.consumer.start()
+        queue.consumer = consumer
+        consumer.start()
 
     async def _queue(self, name: str) -> _Queue:
         """A queue this manager runs, or one another process created."""
@@ -293,14 +333,26 @@ class TaskQueueManager:
         task_type: str | None = None,
         priority: Any = None,
         task_name: str | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | timedelta | None = None,
+        task_timeout: float | timedelta | None = None,
+        _defer_by: float | timedelta | None = None,
+        _defer_until: datetime | None = None,
         **kwargs: Any,
     ) -> TaskInfo:
         """Submit one task: `task_func(*args, **kwargs)` will run on the queue.
 
         `task_func` is an async function (registered on the way) or the name of
-        a registered one. Raises TaskAlreadyExistsError, QueueNotFoundError,
-        QueueFullError, or a ConfigurationError for bad input; a task that
-        raised any of these was not submitted.
+        a registered one. `priority` orders it within the queue (default
+        MEDIUM). `max_retries`, `retry_delay` and `task_timeout` override the
+        queue's policies for this task; `_defer_by` (seconds or a timedelta) or
+        `_defer_until` (an aware datetime) make it wait until then. The names
+        of these options cannot be used as the task function's own keyword
+        arguments (pass such arguments positionally).
+
+        Raises TaskAlreadyExistsError, QueueNotFoundError, QueueFullError, or a
+        ConfigurationError for bad input; a task that raised any of these was
+        not submitted.
         """
         queue = await self._queue(queue_name)
         submission = prepare(
@@ -309,39 +361,71 @@ class TaskQueueManager:
             task_func=task_func,
             args=args,
             kwargs=kwargs,
+            policies=options(
+                queue.config,
+                max_retries=max_retries,
+                retry_delay=retry_delay,
+                task_timeout=task_timeout,
+                defer_by=_defer_by,
+                defer_until=_defer_until,
+            ),
             task_type=task_type,
             priority=priority,
             task_name=task_name,
         )
+        (info,) = await self._submit(queue, [submission])
+        return info
+
+    async def submit_tasks(
+        self, queue_name: str, tasks: list[dict[str, Any]]
+    ) -> list[TaskInfo]:
+        """Submit many tasks in one round trip, all or nothing.
+
+        Each dict holds `task_id` and `task_func`, and may hold `args`,
+        `kwargs`, `task_type`, `priority`, `task_name`, `max_retries`,
+        `retry_delay`, `task_timeout`, `_defer_by` and `_defer_until`. A
+        duplicate id (inside the batch or already in the queue), too little
+        room under `max_size`, or any bad task rejects the whole batch, and the
+        error names the offending ids.
+        """
+        queue = await self._queue(queue_name)
+        submissions = prepare_batch(self.registry, queue.config, tasks)
+        if not submissions:
+            return []
+        return await self._submit(queue, submissions)
+
+    async def _submit(self, queue: _Queue, batch: list[Submission]) -> list[TaskInfo]:
         keys = queue.keys
+        argv: list[str] = [self.identity]
+        for submission in batch:
+            argv += submission.argv()
         reply = cast(
             list[str],
             await functions.call(
                 self.client,
                 "submit",
-                [
-                    keys.log,
-                    keys.stats,
-                    keys.config,
-                    keys.task(task_id),
-                    keys.ready(submission.priority.level),
-                ],
-                [self.identity, *submission.argv()],
+                [*keys.queue_keys, *(keys.task(s.task_id) for s in batch)],
+                argv,
             ),
         )
-        _check_submitted(reply, queue_name)
-        self._remember(task_id, queue_name)
-        event_id = reply[1]
-        return TaskInfo(
-            task_id=task_id,
-            queue_name=queue_name,
-            task_type=submission.task_type,
-            task_name=submission.name,
-            priority=submission.priority,
-            status=TaskStatus.QUEUED,
-            queued_time=entry_time(event_id),
-            version=1,
-        )
+        check_submit_reply(reply, keys.queue)
+        infos: list[TaskInfo] = []
+        for i, submission in enumerate(batch):
+            self._remember(submission.task_id, keys.queue)
+            event_id = reply[1 + 2 * i]
+            infos.append(
+                TaskInfo(
+                    task_id=submission.task_id,
+                    queue_name=keys.queue,
+                    task_type=submission.task_type,
+                    task_name=submission.name,
+                    priority=submission.priority,
+                    status=TaskStatus.QUEUED,
+                    queued_time=entry_time(event_id),
+                    version=1,
+                )
+            )
+        return infos
 
     def _remember(self, task_id: str, queue_name: str) -> None:
         self._task_queue[task_id] = queue_name
@@ -352,38 +436,20 @@ class TaskQueueManager:
         self, task_id: str, queue_name: str | None
     ) -> tuple[str, dict[str, str]]:
         """The queue a task is in, and its hash."""
-        client = self.client
-        remembered = queue_name or self._task_queue.get(task_id)
-        if remembered is not None:
-            fields = await guarded(
-                client.hgetall(QueueKeys(self.key_prefix, remembered).task(task_id))
-            )
-            if fields or queue_name is not None:
-                if not fields:
-                    raise TaskNotFoundError(
-                        f"Task {task_id!r} is not in queue {queue_name!r}: it was "
-                        "never submitted there, or its record expired."
-                    )
-                return remembered, cast(dict[str, str], fields)
-        names = await self._queue_names()
-        async with client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(QueueKeys(self.key_prefix, name).task(task_id))
-            replies = cast(list[dict[str, str]], await guarded(pipe.execute()))
-        found = [(n, f) for n, f in zip(names, replies, strict=True) if f]
-        if not found:
-            raise TaskNotFoundError(
-                f"No task {task_id!r} under prefix {self.key_prefix!r}: it was never "
-                "submitted, or its record expired (task_expiry_seconds after it "
-                "ended)."
-            )
-        if len(found) > 1:
-            raise ConfigurationError(
-                f"Task id {task_id!r} exists in queues "
-                f"{', '.join(n for n, _ in found)}; pass queue_name= to choose one."
-            )
-        self._remember(task_id, found[0][0])
-        return found[0]
+        remembered = self._task_queue.get(task_id)
+        if queue_name is None and remembered is not None:
+            try:
+                return await find_task(
+                    self.client, self.key_prefix, task_id, [], remembered
+                )
+            except TaskNotFoundError:
+                pass  # expired, or an id reused in another queue: search them all
+        candidates = [] if queue_name else await self._queue_names()
+        found = await find_task(
+            self.client, self.key_prefix, task_id, candidates, queue_name
+        )
+        self._remember(task_id, found[0])
+        return found
 
     async def get_task_status(
         self, task_id: str, *, queue_name: str | None = None
@@ -391,6 +457,43 @@ class TaskQueueManager:
         """The task's current status. Raises TaskNotFoundError."""
         queue, fields = await self._find(task_id, queue_name)
         return task_info(queue, task_id, fields)
+
+    async def cancel_task(self, task_id: str, *, queue_name: str | None = None) -> bool:
+        """Cancel a task. A queued, deferred or retry-waiting task is cancelled
+        at once; a running one cooperatively: its attempt's asyncio task is
+        cancelled in whichever process runs it, and the task ends `cancelled`
+        (use wait_for_task to see it end). Returns False if the task had
+        already ended. Raises TaskNotFoundError for an unknown task.
+        """
+        queue, _ = await self._find(task_id, queue_name)
+        keys = self._queues_keys(queue)
+        reply = cast(
+            list[str],
+            await functions.call(
+                self.client,
+                "cancel",
+                [*keys.queue_keys, keys.task(task_id)],
+                [
+                    task_id,
+                    self.identity,
+                    self.task_expiry_seconds,
+                    keys.finished_channel,
+                    keys.cancel_channel,
+                ],
+            ),
+        )
+        if reply[0] == "missing":
+            raise TaskNotFoundError(
+                f"Task {task_id!r} vanished while it was being cancelled (its "
+                "record expired)."
+            )
+        if reply[0] == "cancelled":
+            self._task_finished(queue, task_id)
+        elif reply[0] == "requested":
+            known = self._queues.get(queue)
+            if known is not None and known.consumer is not None:
+                known.consumer.cancel(task_id)
+        return reply[0] != "finished"
 
     async def wait_for_task(
         self,
@@ -448,69 +551,23 @@ class TaskQueueManager:
         """Counts by state across all processes, plus this process's view.
 
         `current_workers` is the number of this queue's tasks running in this
-        process; `processing_tasks` counts them in every process.
+        process; `processing_tasks` counts them in every process. `queued_tasks`
+        includes deferred tasks (also counted in `scheduled_tasks`).
+        `circuit_breaker_status` is closed, open or half_open; an open breaker
+        whose reset time has passed turns half_open at the next fetch.
         """
         queue = await self._queue(queue_name)
-        client = self.client
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(queue.keys.stats)
-            pipe.hget(queue.keys.breaker, "state")
-            stats, breaker = cast(
-                tuple[dict[str, str], str | None], await guarded(pipe.execute())
-            )
-        count = {name: int(value) for name, value in stats.items()}
-        config = queue.config
-        return {
-            "name": queue_name,
-            "max_workers": config.max_workers,
-            "max_size": config.max_size,
-            "priority": config.priority.name.lower(),
-            "current_workers": queue.consumer.busy if queue.consumer else 0,
-            "queued_tasks": count.get("queued", 0),
-            "processing_tasks": count.get("processing", 0),
-            "retry_tasks": count.get("retry", 0),
-            "completed_tasks": count.get("completed", 0),
-            "failed_tasks": count.get("failed", 0),
-            "circuit_breaker_status": breaker or "closed",
-        }
+        busy = queue.consumer.busy if queue.consumer else 0
+        return await queue_status(self.client, queue.keys, queue.config, busy)
 
     async def get_ongoing_tasks(self) -> list[TaskInfo]:
         """Tasks being processed right now, by any process, in any queue."""
         ongoing: list[TaskInfo] = []
         for name in await self._queue_names():
-            keys = QueueKeys(self.key_prefix, name)
-            ids = await self._pending_task_ids(keys)
-            async with self.client.pipeline(transaction=False) as pipe:
-                for task_id in ids:
-                    pipe.hgetall(keys.task(task_id))
-                replies = cast(list[dict[str, str]], await guarded(pipe.execute()))
-            ongoing += [
-                task_info(name, task_id, fields)
-                for task_id, fields in zip(ids, replies, strict=True)
-                if fields.get("state") == TaskStatus.PROCESSING
-            ]
+            ongoing += await ongoing_tasks(
+                self.client, QueueKeys(self.key_prefix, name)
+            )
         return ongoing
-
-    async def _pending_task_ids(self, keys: QueueKeys) -> list[str]:
-        client = self.client
-        ids: list[str] = []
-        for stream in keys.ready_all:
-            try:
-                pending = cast(
-                    list[dict[str, Any]],
-                    await guarded(
-                        client.xpending_range(stream, GROUP, "-", "+", 100_000)
-                    ),
-                )
-            except ServerError:
-                continue  # no such stream or group: nothing pending
-            async with client.pipeline(transaction=False) as pipe:
-                for p in pending:
-                    pipe.xrange(stream, p["message_id"], p["message_id"])
-                results: list[Any] = await guarded(pipe.execute())
-            for entries in results:
-                ids += [fields["task_id"] for _, fields in entries]
-        return ids
 
     # -- projections -----------------------------------------------------
 
@@ -530,55 +587,3 @@ class TaskQueueManager:
         return folded.events
 
     # -- housekeeping ----------------------------------------------------
-
-    async def _prune_consumers(self) -> None:
-        client = self.client
-        removed = 0
-        for name in await self._queue_names():
-            keys = QueueKeys(self.key_prefix, name)
-            consumers: set[str] = set()
-            for stream in keys.ready_all:
-                try:
-                    infos: list[dict[str, Any]] = await guarded(
-                        client.xinfo_consumers(stream, GROUP)
-                    )
-                except ServerError:
-                    continue
-                consumers.update(str(info["name"]) for info in infos)
-            for consumer in consumers:
-                removed += int(
-                    await functions.call(
-                        client,
-                        "prune",
-                        [keys.worker(consumer), *keys.ready_all],
-                        [consumer],
-                    )
-                    > 0
-                )
-        if removed:
-            logger.info("removed %s consumers that were gone and held nothing", removed)
-
-
-def _check_submitted(reply: list[str], queue_name: str) -> None:
-    status = reply[0]
-    if status == "ok":
-        return
-    if status in ("exists", "duplicate"):
-        ids = reply[1:]
-        raise TaskAlreadyExistsError(
-            f"Task {', '.join(repr(i) for i in ids)} already exists in queue "
-            f"{queue_name!r} (a finished task keeps its id until its record "
-            "expires); use another task id.",
-            ids,
-        )
-    if status == "full":
-        raise QueueFullError(
-            f"Queue {queue_name!r} is full: {reply[1]} unfinished tasks, "
-            f"max_size={reply[2]}. Wait for tasks to finish, or raise max_size."
-        )
-    if status == "noqueue":
-        raise QueueNotFoundError(
-            f"Queue {queue_name!r} has no ready streams on the server (deleted by "
-            "hand?); create it again with create_queue."
-        )
-    raise KewError(f"Unexpected reply from the submit function: {reply!r}")

@@ -50,7 +50,11 @@ class QueuePriority(IntEnum):
 
 
 class TaskStatus(StrEnum):
-    """Where a task stands. `queued` also covers deferred tasks."""
+    """Where a task stands.
+
+    `queued` also covers a deferred task (its `due_time` is set); `retry` is a
+    task whose attempt failed and that waits for its next attempt.
+    """
 
     QUEUED = "queued"
     PROCESSING = "processing"
@@ -62,6 +66,11 @@ class TaskStatus(StrEnum):
     @property
     def finished(self) -> bool:
         return self in _FINISHED
+
+    @classmethod
+    def of_state(cls, state: str) -> TaskStatus:
+        """The status of a task hash's state (`scheduled` reads as queued)."""
+        return cls.QUEUED if state == "scheduled" else cls(state)
 
 
 _FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
@@ -91,6 +100,15 @@ class QueueConfig:
     max_deliveries: int = 5
     """Deliveries of one entry without an outcome (a crash loop) before the
     task is dead-lettered."""
+    circuit_breaker_trials: int = 1
+    """Trial attempts allowed at once while the breaker is half-open."""
+    max_retry_delay: float = 3600.0
+    """The longest wait before a retry, however many attempts failed."""
+    priority_weights: tuple[int, int, int] | None = None
+    """None: strict priority (HIGH before MEDIUM before LOW). Three weights,
+    e.g. (6, 3, 1): each fetch shares its entries among the levels in that
+    proportion (what a level leaves unused goes to the others), so LOW
+    progresses while HIGH is saturated."""
     max_circuit_breaker_failures: dataclasses.InitVar[int | None] = None
 
     def __post_init__(self, max_circuit_breaker_failures: int | None) -> None:
@@ -104,6 +122,17 @@ class QueueConfig:
         _positive_int("max_size", self.max_size)
         _positive_int("circuit_breaker_max_failures", self.circuit_breaker_max_failures)
         _positive_int("max_deliveries", self.max_deliveries)
+        _positive_int("circuit_breaker_trials", self.circuit_breaker_trials)
+        _seconds("max_retry_delay", self.max_retry_delay)
+        if self.priority_weights is not None:
+            weights = tuple(self.priority_weights)
+            if not _valid_weights(weights):
+                raise ConfigurationError(
+                    f"priority_weights={self.priority_weights!r} is not valid: give "
+                    "three whole numbers for HIGH, MEDIUM and LOW, e.g. (6, 3, 1), "
+                    "not all 0; or None for strict priority."
+                )
+            object.__setattr__(self, "priority_weights", weights)
         _non_negative_int("max_retries", self.max_retries)
         _seconds("circuit_breaker_reset_timeout", self.circuit_breaker_reset_timeout)
         _seconds("retry_delay", self.retry_delay, zero_ok=True)
@@ -120,12 +149,26 @@ class QueueConfig:
         """The configuration as stored in Redis (JSON-friendly)."""
         data = dataclasses.asdict(self)
         data["priority"] = int(self.priority)
+        if self.priority_weights is not None:
+            data["priority_weights"] = list(self.priority_weights)
         return data
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> QueueConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("priority_weights") is not None:
+            values["priority_weights"] = tuple(values["priority_weights"])
+        return cls(**values)
+
+
+def _valid_weights(weights: tuple[object, ...]) -> bool:
+    return (
+        len(weights) == 3
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in weights)
+        and all(w >= 0 for w in weights)  # type: ignore[operator]
+        and any(weights)
+    )
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -179,6 +222,10 @@ class TaskInfo(BaseModel):
     error: str | None = None
     attempt: int = 0
     """Attempts started so far, numbered from 1."""
+    due_time: datetime | None = None
+    """When a deferred task, or a failed one waiting to retry, is due."""
+    cancel_requested: bool = False
+    """A running task was asked to cancel and has not stopped yet."""
     version: int = 0
     """Events applied to this task; each transition adds one."""
 

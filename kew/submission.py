@@ -9,19 +9,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, cast
 
 import pydantic_core
 
-from kew.errors import ConfigurationError, SerializationError, TaskFunctionError
-from kew.models import QueuePriority, TaskInfo, TaskStatus
+from kew.errors import (
+    ConfigurationError,
+    KewError,
+    QueueFullError,
+    QueueNotFoundError,
+    SerializationError,
+    TaskAlreadyExistsError,
+    TaskFunctionError,
+)
+from kew.models import QueueConfig, QueuePriority
 from kew.registry import Registry
 
-__all__ = ["Submission", "prepare", "task_info"]
+__all__ = [
+    "Options",
+    "Submission",
+    "check_submit_reply",
+    "options",
+    "prepare",
+    "prepare_batch",
+]
 
 MAX_TASK_ID = 512
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    """A task's policies, fixed at submit (the queue's defaults, overridden)."""
+
+    max_retries: int
+    retry_delay_ms: int
+    timeout_ms: int
+    """0: no timeout."""
+    defer_until_ms: int = 0
+    """Absolute due time (ms since the epoch), 0 for none."""
+    defer_by_ms: int = 0
+    """Due this long after the server receives the task, 0 for none."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +65,12 @@ class Submission:
     args: str
     """`{"args": [...], "kwargs": {...}}`, as the task hash stores it."""
     data: str
-    """The `task.submitted` event's data."""
+    """The `task.submitted` event's data (the function adds a due time)."""
+    options: Options
     tp: str = ""
 
     def argv(self) -> list[str]:
+        o = self.options
         return [
             self.task_id,
             self.name,
@@ -47,7 +79,83 @@ class Submission:
             self.args,
             self.data,
             self.tp,
+            str(o.max_retries),
+            str(o.retry_delay_ms),
+            str(o.timeout_ms),
+            str(o.defer_until_ms),
+            str(o.defer_by_ms),
         ]
+
+
+def options(
+    config: QueueConfig,
+    *,
+    max_retries: object = None,
+    retry_delay: object = None,
+    task_timeout: object = None,
+    defer_by: object = None,
+    defer_until: object = None,
+) -> Options:
+    """A task's policies from the queue's defaults and the caller's overrides."""
+    retries = config.max_retries if max_retries is None else max_retries
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ConfigurationError(
+            f"max_retries={max_retries!r} is not valid: give a whole number of "
+            "retries, 0 or more."
+        )
+    delay = config.retry_delay if retry_delay is None else retry_delay
+    timeout = config.task_timeout if task_timeout is None else task_timeout
+    until_ms, by_ms = _due(defer_by, defer_until)
+    return Options(
+        max_retries=retries,
+        retry_delay_ms=_ms("retry_delay", delay, zero_ok=True),
+        timeout_ms=0 if timeout is None else _ms("task_timeout", timeout),
+        defer_until_ms=until_ms,
+        defer_by_ms=by_ms,
+    )
+
+
+def _ms(name: str, seconds: object, *, zero_ok: bool = False) -> int:
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    ok = (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and math.isfinite(seconds)
+        and (seconds >= 0 if zero_ok else seconds > 0)
+    )
+    if not ok:
+        bound = "0 or more" if zero_ok else "more than 0"
+        raise ConfigurationError(
+            f"{name}={seconds!r} is not valid: give a number of seconds (or a "
+            f"timedelta), {bound}."
+        )
+    assert isinstance(seconds, int | float)
+    return round(seconds * 1000)
+
+
+def _due(defer_by: object, defer_until: object) -> tuple[int, int]:
+    if defer_by is not None and defer_until is not None:
+        raise ConfigurationError(
+            f"_defer_by={defer_by!r} and _defer_until={defer_until!r} were both "
+            "given: pass one of them."
+        )
+    if defer_until is not None:
+        if not isinstance(defer_until, datetime):
+            raise ConfigurationError(
+                f"_defer_until={defer_until!r} is not a datetime: pass an aware "
+                "datetime, e.g. datetime.now(UTC) + timedelta(minutes=5)."
+            )
+        if defer_until.tzinfo is None or defer_until.utcoffset() is None:
+            raise ConfigurationError(
+                f"_defer_until={defer_until!r} has no time zone, so the instant it "
+                "means is ambiguous: pass an aware datetime, e.g. "
+                "datetime(2030, 1, 1, 9, tzinfo=UTC)."
+            )
+        return max(round(defer_until.timestamp() * 1000), 1), 0
+    if defer_by is not None:
+        return 0, _ms("_defer_by", defer_by, zero_ok=True)
+    return 0, 0
 
 
 def check_task_id(task_id: object) -> str:
@@ -71,6 +179,7 @@ def prepare(
     task_func: Callable[..., Any] | str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    policies: Options,
     task_type: str | None = None,
     priority: object = None,
     task_name: str | None = None,
@@ -110,9 +219,81 @@ def prepare(
         + encoded_args
         + ',"kwargs":'
         + encoded_kwargs
+        + f',"max_retries":{policies.max_retries}'
+        + f',"retry_delay_ms":{policies.retry_delay_ms}'
+        + f',"timeout_ms":{policies.timeout_ms}'
         + "}"
     )
-    return Submission(task_id, name, kind, level, stored, data)
+    return Submission(task_id, name, kind, level, stored, data, policies)
+
+
+BATCH_KEYS = frozenset(
+    {
+        "task_id",
+        "task_func",
+        "args",
+        "kwargs",
+        "task_type",
+        "priority",
+        "task_name",
+        "max_retries",
+        "retry_delay",
+        "task_timeout",
+        "_defer_by",
+        "_defer_until",
+    }
+)
+
+
+def prepare_batch(
+    registry: Registry, config: QueueConfig, tasks: list[dict[str, Any]]
+) -> list[Submission]:
+    """Validate and encode a batch; any bad task rejects the whole batch."""
+    if not isinstance(tasks, list | tuple):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ConfigurationError(
+            f"submit_tasks expects a list of dicts, not {type(tasks).__name__}."
+        )
+    prepared: list[Submission] = []
+    items: list[object] = list(tasks)
+    for index, item in enumerate(items):
+        if (
+            not isinstance(item, dict)
+            or "task_id" not in item
+            or ("task_func" not in item)
+        ):
+            raise ConfigurationError(
+                f"Task {index} of the batch ({item!r}) is not a dict with at least "
+                "'task_id' and 'task_func'."
+            )
+        spec = cast(dict[str, Any], item)
+        unknown = sorted(set(spec) - BATCH_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"Task {spec['task_id']!r} of the batch has unknown keys {unknown}; "
+                f"the keys are {sorted(BATCH_KEYS)} (arguments go in 'args' and "
+                "'kwargs')."
+            )
+        prepared.append(
+            prepare(
+                registry,
+                task_id=spec["task_id"],
+                task_func=spec["task_func"],
+                args=tuple(spec.get("args", ())),
+                kwargs=dict(spec.get("kwargs", {})),
+                policies=options(
+                    config,
+                    max_retries=spec.get("max_retries"),
+                    retry_delay=spec.get("retry_delay"),
+                    task_timeout=spec.get("task_timeout"),
+                    defer_by=spec.get("_defer_by"),
+                    defer_until=spec.get("_defer_until"),
+                ),
+                task_type=spec.get("task_type"),
+                priority=spec.get("priority"),
+                task_name=spec.get("task_name"),
+            )
+        )
+    return prepared
 
 
 def _encode(what: str, value: list[Any] | dict[str, Any], name: str) -> str:
@@ -133,28 +314,27 @@ def _encode(what: str, value: list[Any] | dict[str, Any], name: str) -> str:
     raise SerializationError(f"The arguments of {name} are not JSON.")
 
 
-def task_info(queue: str, task_id: str, fields: Mapping[str, str]) -> TaskInfo:
-    """A task's status from the fields of its hash."""
-
-    def when(name: str) -> datetime | None:
-        value = fields.get(name)
-        return datetime.fromtimestamp(int(value) / 1000, UTC) if value else None
-
-    result = fields.get("result")
-    return TaskInfo.model_validate(
-        {
-            "task_id": task_id,
-            "queue_name": queue,
-            "task_type": fields.get("task_type", ""),
-            "task_name": fields.get("name", ""),
-            "priority": int(fields.get("priority", QueuePriority.MEDIUM)),
-            "status": TaskStatus(fields["state"]),
-            "queued_time": when("submitted_at"),
-            "started_time": when("started_at"),
-            "completed_time": when("finished_at"),
-            "result": json.loads(result) if result else None,
-            "error": fields.get("error"),
-            "attempt": int(fields.get("attempt", 0)),
-            "version": int(fields.get("version", 0)),
-        }
-    )
+def check_submit_reply(reply: list[str], queue_name: str) -> None:
+    """Raise the error a `submit` reply stands for, if any."""
+    status = reply[0]
+    if status == "ok":
+        return
+    if status in ("exists", "duplicate"):
+        ids = reply[1:]
+        raise TaskAlreadyExistsError(
+            f"Task {', '.join(repr(i) for i in ids)} already exists in queue "
+            f"{queue_name!r} (a finished task keeps its id until its record "
+            "expires); use another task id.",
+            ids,
+        )
+    if status == "full":
+        raise QueueFullError(
+            f"Queue {queue_name!r} is full: {reply[1]} unfinished tasks, "
+            f"max_size={reply[2]}. Wait for tasks to finish, or raise max_size."
+        )
+    if status == "noqueue":
+        raise QueueNotFoundError(
+            f"Queue {queue_name!r} has no ready streams on the server (deleted by "
+            "hand?); create it again with create_queue."
+        )
+    raise KewError(f"Unexpected reply from the submit function: {reply!r}")

@@ -1,4 +1,5 @@
-"""Waking `wait_for_task` when a task ends, without polling.
+"""Waking `wait_for_task` when a task ends, without polling, and hearing about
+cancel requests: one pub/sub connection per manager.
 
 The `finish` function publishes a task's id on its queue's `finished` channel
 in the same call that records the outcome. A manager subscribes to a queue's
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,7 +42,7 @@ class Waiters:
             set
         )
         self._confirmed: dict[str, asyncio.Event] = {}
-        self._channel_queue: dict[str, str] = {}
+        self._handlers: dict[str, Callable[[str], object]] = {}
 
     def register(self, queue: str, task_id: str) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -66,11 +68,17 @@ class Waiters:
             self.notify(*key)
 
     async def subscribe(self, queue: str, channel: str) -> None:
-        """Subscribe to a queue's channel; return once the server confirmed it."""
+        """Subscribe to a queue's finished channel; return once the server
+        confirmed it."""
+        await self.listen(channel, lambda task_id: self.notify(queue, task_id))
+
+    async def listen(self, channel: str, handler: Callable[[str], object]) -> None:
+        """Call `handler` with each message on `channel` (once subscribed;
+        this returns when the server confirmed the subscription)."""
         event = self._confirmed.get(channel)
         if event is None:
             event = self._confirmed[channel] = asyncio.Event()
-            self._channel_queue[channel] = queue
+            self._handlers[channel] = handler
             if self._pubsub is None:
                 self._pubsub = self._client.pubsub()
             await self._pubsub.subscribe(channel)
@@ -100,9 +108,9 @@ class Waiters:
                 if event is not None:
                     event.set()
             elif message["type"] == "message":
-                queue = self._channel_queue.get(channel)
-                if queue is not None:
-                    self.notify(queue, message["data"])
+                handler = self._handlers.get(channel)
+                if handler is not None:
+                    handler(message["data"])
 
     async def close(self) -> None:
         if self._listener is not None:

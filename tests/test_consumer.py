@@ -155,15 +155,14 @@ async def test_finish_is_fenced_for_a_consumer_that_lost_the_attempt(
     )
     keys = QueueKeys(prefix, "q")
     fields = await client.hgetall(keys.task("t"))
-    ready = keys.ready("medium")
 
     async def finish(consumer: str, attempt: str, version: str) -> list[Any]:
-        rest = [version, "succeeded", "1", "{}"]
+        outcome = [attempt, version, "succeeded", "1", "{}", 0]
         reply = await functions.call(
             client,
             "finish",
-            [keys.log, keys.stats, ready, keys.task("t")],
-            [consumer, 60, keys.finished_channel, "t", fields["entry"], attempt, *rest],
+            [*keys.queue_keys, keys.task("t")],
+            [consumer, 60, keys.finished_channel, "t", fields["entry"], 2, *outcome],
         )
         return list(reply[0])
 

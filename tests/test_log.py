@@ -97,6 +97,7 @@ async def test_log_fields_are_readable_with_plain_xrange(
     assert json.loads(failed[0]["data"]) == {
         "error": "broken pipe",
         "error_type": "RuntimeError",
+        "retry": False,
     }
 
 

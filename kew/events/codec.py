@@ -59,7 +59,7 @@ def _upcast(raw: dict[str, Any], model: type[Event]) -> dict[str, Any]:
 
 def encode(event: Event) -> dict[str, str]:
     """The stream fields of an event, as the Lua library would write them."""
-    dumped = event.model_dump(mode="json")
+    dumped = event.model_dump(mode="json", by_alias=True)
     fields: dict[str, str] = {}
     for name in ENVELOPE:
         value = dumped.get(name)

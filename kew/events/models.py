@@ -26,17 +26,24 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "BreakerClosed",
+    "BreakerHalfOpened",
+    "BreakerOpened",
     "Event",
     "QueueConfigured",
+    "TaskCancelRequested",
+    "TaskCancelled",
+    "TaskEnqueued",
     "TaskEvent",
     "TaskFailed",
     "TaskInterrupted",
     "TaskLost",
     "TaskReclaimed",
     "TaskReleased",
+    "TaskRetryScheduled",
     "TaskStarted",
     "TaskSubmitted",
     "TaskSucceeded",
@@ -61,7 +68,7 @@ class Event(BaseModel):
     """The envelope every event shares. An event of a type this version of kew
     does not know is read as a plain `Event`, so old code can read new logs."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
     VERSION: ClassVar[int] = 1
 
@@ -104,11 +111,27 @@ class TaskSubmitted(TaskEvent):
     priority: int
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
+    max_retries: int = 0
+    retry_delay_ms: int = 1000
+    timeout_ms: int = 0
+    """0: no timeout."""
+    due_at: int | None = None
+    """Set for a deferred task: when it is due (server ms)."""
+
+
+class TaskEnqueued(TaskEvent):
+    """A deferred task, or a retry, became due and was put on its ready stream."""
+
+    type: Literal["task.enqueued"] = "task.enqueued"
+    entry: str
+    from_: str = Field("", alias="from")
 
 
 class TaskStarted(TaskEvent):
     type: Literal["task.started"] = "task.started"
     entry: str
+    trial: bool = False
+    """A trial attempt of a half-open circuit breaker."""
 
 
 class TaskSucceeded(TaskEvent):
@@ -120,6 +143,25 @@ class TaskFailed(TaskEvent):
     type: Literal["task.failed"] = "task.failed"
     error: str
     error_type: str | None = None
+    retry: bool = False
+    """Another attempt will follow (see the next task.retry_scheduled)."""
+
+
+class TaskRetryScheduled(TaskEvent):
+    type: Literal["task.retry_scheduled"] = "task.retry_scheduled"
+    due_at: int
+    delay_ms: int
+
+
+class TaskCancelRequested(TaskEvent):
+    """A running task was asked to stop; its consumer cancels the attempt."""
+
+    type: Literal["task.cancel_requested"] = "task.cancel_requested"
+
+
+class TaskCancelled(TaskEvent):
+    type: Literal["task.cancelled"] = "task.cancelled"
+    reason: str = ""
 
 
 class TaskReclaimed(TaskEvent):
@@ -159,6 +201,23 @@ class TaskLost(Event):
     stream: str
 
 
+class BreakerOpened(Event):
+    type: Literal["breaker.opened"] = "breaker.opened"
+    reason: str
+    failures: int
+    until: int
+    """Server ms until which no task starts."""
+
+
+class BreakerHalfOpened(Event):
+    type: Literal["breaker.half_opened"] = "breaker.half_opened"
+
+
+class BreakerClosed(Event):
+    type: Literal["breaker.closed"] = "breaker.closed"
+    reason: str = ""
+
+
 class QueueConfigured(Event):
     type: Literal["queue.configured"] = "queue.configured"
     config: dict[str, Any]
@@ -168,9 +227,16 @@ EVENT_TYPES: dict[str, type[Event]] = {
     model.model_fields["type"].default: model
     for model in (
         TaskSubmitted,
+        TaskEnqueued,
         TaskStarted,
         TaskSucceeded,
         TaskFailed,
+        TaskRetryScheduled,
+        TaskCancelRequested,
+        TaskCancelled,
+        BreakerOpened,
+        BreakerHalfOpened,
+        BreakerClosed,
         TaskReclaimed,
         TaskInterrupted,
         TaskReleased,

@@ -14,7 +14,15 @@ from kew.projections.task import TaskState
 
 __all__ = ["STATES", "count_states", "same_stats"]
 
-STATES = ("queued", "processing", "retry", "completed", "failed", "cancelled")
+STATES = (
+    "queued",
+    "scheduled",
+    "retry",
+    "processing",
+    "completed",
+    "failed",
+    "cancelled",
+)
 
 
 def count_states(tasks: Iterable[TaskState]) -> dict[str, int]:

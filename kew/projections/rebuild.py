@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 
 from kew.events import log
+from kew.events.models import Event, TaskEvent
 from kew.keys import QueueKeys
+from kew.projections.breaker import BreakerState, apply_breaker
 from kew.projections.queue import count_states, same_stats
-from kew.projections.task import TaskState, fold, same_hash
+from kew.projections.task import TaskState, apply, same_hash
 
-__all__ = ["Difference", "QueueFold", "fold_queue", "rebuild", "verify"]
+__all__ = [
+    "Difference",
+    "QueueFold",
+    "fold_events",
+    "fold_queue",
+    "rebuild",
+    "verify",
+]
 
 _CHUNK = 1000
 
@@ -46,18 +56,31 @@ class Difference:
 class QueueFold:
     tasks: dict[str, TaskState]
     stats: dict[str, int]
+    breaker: BreakerState | None
     events: int
+
+
+def fold_events(events: Iterable[Event]) -> QueueFold:
+    """Fold events, in log order, into every projection of their queue."""
+    tasks: dict[str, TaskState] = {}
+    breaker: BreakerState | None = None
+    count = 0
+    for event in events:
+        count += 1
+        before = tasks.get(event.task_id) if event.task_id else None
+        breaker = apply_breaker(breaker, event, before)
+        if isinstance(event, TaskEvent):
+            after = apply(before, event)
+            if after is not None:
+                tasks[event.task_id] = after
+    return QueueFold(tasks, count_states(tasks.values()), breaker, count)
 
 
 async def fold_queue(
     client: aioredis.Redis, keys: QueueKeys, *, end: str = "+"
 ) -> QueueFold:
     """Fold a queue's whole log (up to `end`) into its projections."""
-    events = [event async for event in log.read(client, keys.log, end=end)]
-    tasks = fold(events)
-    return QueueFold(
-        tasks=tasks, stats=count_states(tasks.values()), events=len(events)
-    )
+    return fold_events([event async for event in log.read(client, keys.log, end=end)])
 
 
 async def _stored_hashes(
@@ -85,12 +108,20 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
         task_ids, await _stored_hashes(client, keys, task_ids), strict=True
     ):
         state = folded.tasks[task_id]
-        if not stored and state.finished_at is not None:
+        if not stored and state.finished:
             continue
         expected = state.to_hash()
         fields = same_hash(stored, expected)
         if fields:
             differences.append(Difference(f"task {task_id}", fields, stored, expected))
+
+    stored_breaker = cast(dict[str, str], await client.hgetall(keys.breaker))
+    expected_breaker = folded.breaker.to_hash() if folded.breaker else {}
+    fields = same_hash(stored_breaker, expected_breaker)
+    if fields:
+        differences.append(
+            Difference("breaker", fields, stored_breaker, expected_breaker)
+        )
 
     stored_stats = cast(dict[str, str], await client.hgetall(keys.stats))
     fields = same_stats(stored_stats, folded.stats)
@@ -119,7 +150,7 @@ async def rebuild(
             for state in states[i : i + _CHUNK]:
                 key = keys.task(state.task_id)
                 pipe.delete(key)
-                if state.finished_at is not None:
+                if state.finished and state.finished_at is not None:
                     ttl_ms = state.finished_at + expiry_seconds * 1000 - now_ms
                     if ttl_ms <= 0:
                         continue
@@ -129,9 +160,11 @@ async def rebuild(
                     pipe.hset(key, mapping=_mapping(state.to_hash()))
             await pipe.execute()
     async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.stats)
+        pipe.delete(keys.stats, keys.breaker)
         if folded.stats:
             pipe.hset(keys.stats, mapping=_mapping(folded.stats))
+        if folded.breaker is not None:
+            pipe.hset(keys.breaker, mapping=_mapping(folded.breaker.to_hash()))
         await pipe.execute()
     return folded
 

@@ -18,11 +18,14 @@ import pydantic_core
 
 from kew.events.models import (
     Event,
+    TaskCancelled,
+    TaskCancelRequested,
+    TaskEnqueued,
     TaskEvent,
     TaskFailed,
     TaskInterrupted,
-    TaskReclaimed,
     TaskReleased,
+    TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -42,6 +45,8 @@ def dump_json(value: Any) -> str:
 class TaskState:
     task_id: str
     state: str
+    """queued, scheduled (deferred), retry, processing, completed, failed or
+    cancelled: the hash's `state`, which TaskStatus reads."""
     version: int
     last_event: str
     name: str
@@ -50,13 +55,23 @@ class TaskState:
     args: str
     attempt: int
     submitted_at: int
+    max_retries: int = 0
+    retry_delay_ms: int = 1000
+    timeout_ms: int | None = None
     tp: str | None = None
+    due_at: int | None = None
     owner: str | None = None
     entry: str | None = None
     started_at: int | None = None
     finished_at: int | None = None
     result: str | None = None
     error: str | None = None
+    trial: str | None = None
+    cancel_requested: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("completed", "failed", "cancelled")
 
     def to_hash(self) -> dict[str, str]:
         """The fields of the task hash, as the Lua library writes them."""
@@ -83,13 +98,19 @@ class TaskState:
             args=fields["args"],
             attempt=int(fields["attempt"]),
             submitted_at=int(fields["submitted_at"]),
+            max_retries=int(fields.get("max_retries", 0)),
+            retry_delay_ms=int(fields.get("retry_delay_ms", 1000)),
+            timeout_ms=opt_int("timeout_ms"),
             tp=fields.get("tp"),
+            due_at=opt_int("due_at"),
             owner=fields.get("owner"),
             entry=fields.get("entry"),
             started_at=opt_int("started_at"),
             finished_at=opt_int("finished_at"),
             result=fields.get("result"),
             error=fields.get("error"),
+            trial=fields.get("trial"),
+            cancel_requested=fields.get("cancel_requested"),
         )
 
 
@@ -101,7 +122,7 @@ def apply(state: TaskState | None, event: Event) -> TaskState | None:
     if isinstance(event, TaskSubmitted):
         return TaskState(
             task_id=event.task_id,
-            state="queued",
+            state="scheduled" if event.due_at is not None else "queued",
             version=1,
             last_event=event.id,
             name=event.name,
@@ -110,36 +131,57 @@ def apply(state: TaskState | None, event: Event) -> TaskState | None:
             args=dump_json({"args": event.args, "kwargs": event.kwargs}),
             attempt=0,
             submitted_at=event.ms,
+            max_retries=event.max_retries,
+            retry_delay_ms=event.retry_delay_ms,
+            timeout_ms=event.timeout_ms or None,
             tp=event.tp,
+            due_at=event.due_at,
         )
     if state is None or state.task_id != event.task_id:
         return state
     step = dataclasses.replace(state, version=state.version + 1, last_event=event.id)
+    return _transition(step, event)
+
+
+def _transition(step: TaskState, event: TaskEvent) -> TaskState:
+    """The fields an event changes, besides version and last_event."""
+    replace = dataclasses.replace
+    ended = {"finished_at": event.ms, "trial": None, "cancel_requested": None}
     if isinstance(event, TaskStarted):
-        return dataclasses.replace(
+        return replace(
             step,
             state="processing",
             attempt=event.attempt,
             owner=event.actor,
             entry=event.entry,
             started_at=event.ms,
+            trial="1" if event.trial else step.trial,
         )
-    if isinstance(event, TaskReclaimed | TaskReleased):
-        return step
-    if isinstance(event, TaskInterrupted):
-        return dataclasses.replace(step, state="queued")
+    if isinstance(event, TaskEnqueued):
+        return replace(step, state="queued", due_at=None)
     if isinstance(event, TaskSucceeded):
-        return dataclasses.replace(
+        return replace(
             step,
             state="completed",
             result=dump_json(event.result),
-            finished_at=event.ms,
+            error=None,
+            **ended,
         )
     if isinstance(event, TaskFailed):
-        return dataclasses.replace(
-            step, state="failed", error=event.error, finished_at=event.ms
-        )
-    return state
+        if event.retry:
+            return replace(step, error=event.error, trial=None, cancel_requested=None)
+        return replace(step, state="failed", error=event.error, **ended)
+    if isinstance(event, TaskRetryScheduled):
+        return replace(step, state="retry", due_at=event.due_at)
+    if isinstance(event, TaskCancelRequested):
+        return replace(step, cancel_requested="1")
+    if isinstance(event, TaskCancelled):
+        return replace(step, state="cancelled", due_at=None, **ended)
+    if isinstance(event, TaskInterrupted):
+        return replace(step, state="queued", trial=None)
+    if isinstance(event, TaskReleased):
+        return replace(step, state="queued")
+    return step  # task.reclaimed, and types added later
 
 
 def fold(events: Iterable[Event]) -> dict[str, TaskState]:

@@ -1,0 +1,92 @@
+"""Attempts as the functions return them, outcomes, and their batched recording."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+__all__ = ["Attempt", "FinishBatcher", "Outcome"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One started attempt, as `fetch`, `start` or `maintain` returns it."""
+
+    task_id: str
+    entry: str
+    attempt: int
+    version: int
+    name: str
+    args: str
+    tp: str
+    ready: str
+    timeout: float | None
+    """Seconds the attempt may run, or None."""
+
+    @classmethod
+    def from_row(cls, row: list[str]) -> Attempt:
+        _, task_id, entry, attempt, version, name, args, tp, ready, timeout_ms = row
+        timeout = int(timeout_ms) / 1000 if timeout_ms and timeout_ms != "0" else None
+        return cls(
+            task_id, entry, int(attempt), int(version), name, args, tp, ready, timeout
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    attempt: Attempt
+    kind: str
+    """succeeded, failed or cancelled."""
+    value: str
+    """The result as JSON, or the error message."""
+    data: str
+    """The event's data, as JSON."""
+    error_type: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.kind == "succeeded"
+
+
+class FinishBatcher:
+    """Records outcomes: one `finish` call for all those that arrive together.
+
+    The first outcome schedules a flush; everything handed in before the flush
+    runs (the same turn of the event loop, or while the previous call is in
+    flight) goes into one call.
+    """
+
+    def __init__(self, record: Callable[[list[Outcome]], Awaitable[list[list[str]]]]):
+        self._record = record
+        self._pending: list[tuple[Outcome, asyncio.Future[list[str]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def finish(self, outcome: Outcome) -> list[str]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:500], self._pending[500:]
+                try:
+                    rows = await self._record([outcome for outcome, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), row in zip(batch, rows, strict=True):
+                    if not future.done():
+                        future.set_result(row)
+        finally:
+            self._flusher = None
+
+    async def drain(self) -> None:
+        """Wait until every outcome handed in so far is recorded."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)

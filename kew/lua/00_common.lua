@@ -1,0 +1,155 @@
+#!lua name=__LIB__
+--[[
+kew's write paths, one Redis Function each. The files of kew/lua are joined in
+name order into one library; this one holds what the others share.
+
+Invariants every function keeps:
+
+* A function appends its event(s) to the queue's log and updates the inline
+  projections (task hash, stats hash, breaker hash) in the same call, so they
+  never diverge.
+* Check first, write last: Redis has no rollback, so every check that can
+  refuse the call runs before the first write.
+* A transition verifies the task's expected state (and, when the caller knows
+  it, its version, attempt and owner) before it writes; a stale caller is told
+  so and changes nothing.
+* Keys are declared in KEYS, except the task hashes of entries that `fetch`,
+  `maintain`, `release` and the promotion of due tasks find in a stream or the
+  schedule: their ids are unknown until then. Those keys are built from the
+  queue's task prefix and share its hash tag, so they live in the queue's
+  Cluster slot.
+* Time comes from the server: an event's time is its entry id, and the hashes
+  store those milliseconds, so a fold of the log yields the same hashes (JSON
+  fields compare by value). Decisions that need the clock (due tasks, the
+  breaker's timeout) use TIME and leave an event behind.
+* Randomness (retry jitter) comes from the caller, so functions are
+  deterministic for a given input.
+
+Every function takes the queue's keys first, in this order (see `queue`):
+log, stats, config, breaker, sched, ready:high, ready:medium, ready:low.
+
+The Python mirror of what these functions write is kew/projections/.
+]]
+
+local GROUP = '__GROUP__'
+-- An idle time that makes an entry reclaimable by anyone at once.
+local IDLE_NOW = '1000000000'
+local LEVELS = {'high', 'medium', 'low'}
+local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
+local QUEUE_KEYS = 8
+
+local function queue(keys)
+  return {
+    log = keys[1], stats = keys[2], config = keys[3], breaker = keys[4],
+    sched = keys[5], ready = {keys[6], keys[7], keys[8]},
+  }
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ms_of(id)
+  return string.match(id, '^(%d+)')
+end
+
+-- Append one event. Empty optional fields are left out of the entry.
+local function append(log, etype, task_id, prev, attempt, actor, tp, data)
+  local cmd = {'XADD', log, '*', 'type', etype, 'v', '1'}
+  local function put(name, value)
+    if value ~= nil and value ~= false and value ~= '' then
+      cmd[#cmd + 1] = name
+      cmd[#cmd + 1] = value
+    end
+  end
+  put('task_id', task_id)
+  put('prev', prev)
+  put('attempt', attempt)
+  put('actor', actor)
+  put('tp', tp)
+  put('data', data)
+  return redis.call(unpack(cmd))
+end
+
+local function fields_map(flat)
+  local map = {}
+  if flat then
+    for i = 1, #flat, 2 do
+      map[flat[i]] = flat[i + 1]
+    end
+  end
+  return map
+end
+
+local function json_string(value)
+  return cjson.encode(value or '')
+end
+
+local function settings(Q)
+  local c = redis.call('HMGET', Q.config, 'max_size',
+    'circuit_breaker_max_failures', 'circuit_breaker_reset_timeout',
+    'circuit_breaker_trials', 'max_retry_delay')
+  return {
+    max_size = tonumber(c[1]) or 0,
+    max_failures = tonumber(c[2]) or 3,
+    reset_ms = math.floor((tonumber(c[3]) or 60) * 1000),
+    trials = tonumber(c[4]) or 1,
+    max_retry_delay_ms = math.floor((tonumber(c[5]) or 3600) * 1000),
+  }
+end
+
+local function unfinished(stats)
+  local c = redis.call('HMGET', stats, unpack(UNFINISHED))
+  local n = 0
+  for i = 1, #UNFINISHED do
+    n = n + (tonumber(c[i]) or 0)
+  end
+  return n
+end
+
+-- Count a task out of one state and into another.
+local function move(stats, from, to)
+  if from then
+    redis.call('HINCRBY', stats, from, -1)
+  end
+  if to then
+    redis.call('HINCRBY', stats, to, 1)
+  end
+end
+
+-- XCLAIM `ids` to `consumer` with min-idle 0 (it owns them already), then
+-- the options, e.g. IDLE and JUSTID.
+local function claim(ready, consumer, ids, options)
+  if #ids == 0 then
+    return
+  end
+  local cmd = {'XCLAIM', ready, GROUP, consumer, '0'}
+  for _, id in ipairs(ids) do
+    cmd[#cmd + 1] = id
+  end
+  for _, option in ipairs(options) do
+    cmd[#cmd + 1] = option
+  end
+  redis.call(unpack(cmd))
+end
+
+local function drop_entry(ready, entry_id)
+  redis.call('XACK', ready, GROUP, entry_id)
+  redis.call('XDEL', ready, entry_id)
+end
+
+-- A new ready entry for a task, at the end of its stream.
+local function enqueue(ready, task_id, tp)
+  if tp and tp ~= '' then
+    return redis.call('XADD', ready, '*', 'task_id', task_id, 'tp', tp)
+  end
+  return redis.call('XADD', ready, '*', 'task_id', task_id)
+end
+
+-- The end of a task: its record expires `expiry` seconds from now, and
+-- whoever waits for it is told.
+local function ended(task, task_id, expiry, channel)
+  redis.call('EXPIRE', task, expiry)
+  redis.call('PUBLISH', channel, task_id)
+end

@@ -1,0 +1,115 @@
+--[[
+The circuit breaker: one per queue, shared by every process, changed only here.
+
+    closed     tasks start; consecutive final failures are counted
+    open       no task starts until `until`; submissions are still accepted
+    half_open  at most `circuit_breaker_trials` trial attempts run; a trial
+               success closes the breaker, a trial failure opens it again
+
+What counts: a task's *final* failure (no retry left) adds one to `failures`;
+a success resets it to 0. A failed attempt that will be retried does not count
+while the breaker is closed. In half_open, any failed trial attempt reopens the
+breaker, retry or not: the trial's job is to probe, and it found the fault.
+
+A trial is marked on its task (`trial`); a trial that is interrupted, released
+or cancelled gives its slot back, and a trial whose consumer died is reclaimed
+and continues as the same trial (see start_entry), so a lost consumer never
+leaves the breaker stuck half-open.
+
+The hash holds state, failures, until, trials, version and last_event, all
+written together; version and last_event move with each breaker.* event.
+]]
+
+local function breaker_read(Q)
+  local b = redis.call('HMGET', Q.breaker, 'state', 'failures', 'until',
+    'trials', 'version', 'last_event')
+  return {
+    state = b[1] or 'closed', failures = tonumber(b[2]) or 0,
+    until_ms = tonumber(b[3]) or 0, trials = tonumber(b[4]) or 0,
+    version = tonumber(b[5]) or 0, last_event = b[6] or '',
+  }
+end
+
+local function breaker_write(Q, b)
+  redis.call('HSET', Q.breaker, 'state', b.state, 'failures', b.failures,
+    'until', b.until_ms, 'trials', b.trials, 'version', b.version,
+    'last_event', b.last_event)
+end
+
+local function breaker_event(Q, b, etype, actor, data)
+  b.last_event = append(Q.log, etype, nil, nil, nil, actor, nil, data)
+  b.version = b.version + 1
+end
+
+local function breaker_open(Q, b, cfg, actor, now, reason)
+  b.state = 'open'
+  b.until_ms = now + cfg.reset_ms
+  b.trials = 0
+  breaker_event(Q, b, 'breaker.opened', actor, '{"reason":' ..
+    json_string(reason) .. ',"failures":' .. b.failures .. ',"until":' ..
+    b.until_ms .. '}')
+end
+
+--[[
+How many attempts may start now. Returns a gate:
+  {open = true, until_ms = ...}            nothing may start
+  {half_open = true, room = n}             at most n new trials
+  {}                                       closed: no limit
+Moves an open breaker whose time is up to half_open (breaker.half_opened).
+]]
+local function breaker_gate(Q, cfg, actor, now)
+  local b = breaker_read(Q)
+  if b.state == 'open' then
+    if now < b.until_ms then
+      return {open = true, until_ms = b.until_ms}
+    end
+    b.state = 'half_open'
+    b.trials = 0
+    breaker_event(Q, b, 'breaker.half_opened', actor, '{}')
+    breaker_write(Q, b)
+  end
+  if b.state == 'half_open' then
+    return {half_open = true, room = math.max(cfg.trials - b.trials, 0)}
+  end
+  return {}
+end
+
+local function breaker_take_trial(Q)
+  local b = breaker_read(Q)
+  b.trials = b.trials + 1
+  breaker_write(Q, b)
+end
+
+--[[
+Record an attempt's outcome in the breaker.
+outcome: 'succeeded', 'failed' (final or not) or 'released' (a trial that
+ended without a verdict: interrupted, released, cancelled).
+]]
+local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial)
+  local b = breaker_read(Q)
+  local before = b.failures .. b.state .. b.trials
+  if outcome == 'succeeded' then
+    b.failures = 0
+    if trial and b.state == 'half_open' then
+      b.state = 'closed'
+      b.trials = 0
+      b.until_ms = 0
+      breaker_event(Q, b, 'breaker.closed', actor,
+        '{"reason":"a trial succeeded"}')
+    end
+  elseif outcome == 'failed' then
+    if final then
+      b.failures = b.failures + 1
+    end
+    if trial and b.state == 'half_open' then
+      breaker_open(Q, b, cfg, actor, now, 'a trial failed')
+    elseif b.state == 'closed' and final and b.failures >= cfg.max_failures then
+      breaker_open(Q, b, cfg, actor, now, 'consecutive failures')
+    end
+  elseif trial and b.state == 'half_open' and b.trials > 0 then
+    b.trials = b.trials - 1
+  end
+  if before ~= b.failures .. b.state .. b.trials then
+    breaker_write(Q, b)
+  end
+end

@@ -1,0 +1,144 @@
+--[[
+Leases: a consumer renews what it holds, takes over what others let lapse, and
+hands back what it will not finish.
+]]
+
+--[[
+maintain: a consumer's periodic call. Refreshes its liveness key, renews the
+lease on every entry it holds, reports which of them were asked to cancel, and
+takes over entries whose lease lapsed (unless the breaker is open).
+KEYS: the queue's keys, then the consumer's worker key
+ARGV: consumer, lease ms, liveness ttl ms, liveness value, task key prefix,
+      how many entries it may take over, expiry seconds, finished channel,
+      then per ready stream (high, medium, low): a count n followed by n pairs
+      of held entry id and task id
+Returns {lost entry ids, rows (see start_entry), task ids asked to cancel}.
+]]
+local function maintain(keys, args)
+  local Q = queue(keys)
+  local cfg = settings(Q)
+  local consumer, lease, task_prefix = args[1], args[2], args[5]
+  local room = tonumber(args[6])
+  local env = {consumer = consumer, now = now_ms(), expiry = args[7],
+    channel = args[8]}
+  redis.call('SET', keys[QUEUE_KEYS + 1], args[4], 'PX', args[3])
+
+  local lost, rows, cancel = {}, {}, {}
+  local pos = 9
+  for level = 1, 3 do
+    local ready = Q.ready[level]
+    local n = tonumber(args[pos])
+    local held = {}
+    for j = 1, n do
+      local entry_id, task_id = args[pos + 2 * j - 1], args[pos + 2 * j]
+      held[entry_id] = true
+      if redis.call('HGET', task_prefix .. task_id, 'cancel_requested') == '1' then
+        cancel[#cancel + 1] = task_id
+      end
+    end
+    pos = pos + 2 * n + 1
+
+    -- Renew what is still ours; report what is not. An entry of ours that
+    -- this consumer does not know of (a read whose reply was lost) is made
+    -- idle at once, so that the reclaim below, or another consumer, runs it.
+    local mine, renew, stray = {}, {}, {}
+    for _, p in ipairs(redis.call('XPENDING', ready, GROUP, '-', '+', 1000000,
+        consumer)) do
+      mine[p[1]] = true
+      if held[p[1]] then
+        renew[#renew + 1] = p[1]
+      else
+        stray[#stray + 1] = p[1]
+      end
+    end
+    for id in pairs(held) do
+      if not mine[id] then
+        lost[#lost + 1] = id
+      end
+    end
+    -- JUSTID: a renewal must not count as a delivery.
+    claim(ready, consumer, renew, {'JUSTID'})
+    claim(ready, consumer, stray, {'IDLE', IDLE_NOW, 'JUSTID'})
+  end
+
+  if room > 0 then
+    local gate = breaker_gate(Q, cfg, consumer, env.now)
+    if not gate.open then
+      for level = 1, 3 do
+        local ready = Q.ready[level]
+        local idle = {}
+        if room > 0 then
+          idle = redis.call('XPENDING', ready, GROUP, 'IDLE', lease, '-', '+', room)
+        end
+        for _, p in ipairs(idle) do
+          local entry_id, owner, idle_ms = p[1], p[2], p[3]
+          local claimed = redis.call('XCLAIM', ready, GROUP, consumer, lease,
+            entry_id)
+          room = room - 1
+          if #claimed == 0 or not claimed[1][2] then
+            append(Q.log, 'task.lost', nil, nil, nil, consumer, nil,
+              '{"entry":' .. json_string(entry_id) .. ',"stream":' ..
+              json_string(ready) .. ',"previous":' .. json_string(owner) .. '}')
+          else
+            local task_id = fields_map(claimed[1][2])['task_id'] or ''
+            rows[#rows + 1] = start_entry(Q, cfg, env, ready,
+              task_prefix .. task_id, task_id, entry_id, {owner, idle_ms}, gate)
+          end
+        end
+      end
+    end
+  end
+  return {lost, rows, cancel}
+end
+
+--[[
+release: hand back every entry this consumer holds, so that others take them
+at once instead of after the lease: each task goes back to the end of its
+ready stream under a new entry. An attempt that was running is recorded as
+`task.interrupted` (the next consumer starts the next attempt); an entry that
+was received but never started as `task.released`.
+KEYS: the queue's keys
+ARGV: consumer, task key prefix, reason, expiry seconds, finished channel
+A running attempt whose task was asked to cancel ends as cancelled instead.
+Returns how many tasks were handed back.
+]]
+local function release(keys, args)
+  local Q = queue(keys)
+  local cfg = settings(Q)
+  local consumer, task_prefix, reason = args[1], args[2], args[3]
+  local now = now_ms()
+  local count = 0
+  for level = 1, 3 do
+    local ready = Q.ready[level]
+    for _, p in ipairs(redis.call('XPENDING', ready, GROUP, '-', '+', 1000000,
+        consumer)) do
+      local entry_id = p[1]
+      local entry = redis.call('XRANGE', ready, entry_id, entry_id)[1]
+      local task_id = entry and fields_map(entry[2])['task_id']
+      local task = task_prefix .. (task_id or '')
+      local t = task_id and task_fields(task)
+      local running = t and t.state == 'processing' and t.owner == consumer
+      if running and t.cancel_requested then
+        drop_entry(ready, entry_id)
+        cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, args[4], args[5])
+      elseif t and (t.state == 'queued' or running) then
+        if running then
+          hand_back(Q, ready, task, task_id, entry_id, t, consumer, reason,
+            'task.interrupted')
+          move(Q.stats, 'processing', 'queued')
+          if t.trial then
+            redis.call('HDEL', task, 'trial')
+            breaker_outcome(Q, cfg, consumer, now, 'released', false, true)
+          end
+        else
+          hand_back(Q, ready, task, task_id, entry_id, t, consumer, reason,
+            'task.released')
+        end
+        count = count + 1
+      else
+        drop_entry(ready, entry_id)
+      end
+    end
+  end
+  return count
+end

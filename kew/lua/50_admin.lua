@@ -1,0 +1,97 @@
+--[[
+Cancelling tasks, creating queues, pruning consumers.
+]]
+
+--[[
+cancel: cancel a task. A queued, deferred or retry-waiting task ends at once
+(task.cancelled); its ready entry, if any, is dropped by whoever reads it
+next. A running task is asked to stop (task.cancel_requested): its consumer
+cancels the attempt and records task.cancelled; if that consumer is gone, the
+consumer that takes the entry over records it instead of running it.
+KEYS: the queue's keys, then the task hash
+ARGV: task id, actor, expiry seconds, finished channel, cancel channel
+Returns {'cancelled'}, {'requested'}, {'finished', state} or {'missing'}.
+]]
+local function cancel(keys, args)
+  local Q = queue(keys)
+  local task = keys[QUEUE_KEYS + 1]
+  local task_id, actor = args[1], args[2]
+  local t = task_fields(task)
+  if not t.state then
+    return {'missing'}
+  end
+  if t.state == 'processing' then
+    if not t.cancel_requested then
+      local eid = append(Q.log, 'task.cancel_requested', task_id, t.last_event,
+        t.attempt, actor, t.tp, '{}')
+      redis.call('HSET', task, 'cancel_requested', '1', 'version', t.version + 1,
+        'last_event', eid)
+      redis.call('PUBLISH', args[5], task_id)
+    end
+    return {'requested'}
+  end
+  if t.state ~= 'queued' and t.state ~= 'scheduled' and t.state ~= 'retry' then
+    return {'finished', t.state}
+  end
+  redis.call('ZREM', Q.sched, task_id)
+  local eid = append(Q.log, 'task.cancelled', task_id, t.last_event, t.attempt,
+    actor, t.tp, '{"reason":"cancelled before it ran"}')
+  redis.call('HSET', task, 'state', 'cancelled', 'version', t.version + 1,
+    'last_event', eid, 'finished_at', ms_of(eid))
+  redis.call('HDEL', task, 'due_at')
+  move(Q.stats, t.state, 'cancelled')
+  ended(task, task_id, args[3], args[4])
+  return {'cancelled'}
+end
+
+--[[
+create_queue: make the ready streams and their group, store the configuration.
+KEYS: the queue's keys
+ARGV: actor, configuration JSON, then field/value pairs for the config hash
+Returns 'created', 'updated' or 'unchanged'.
+]]
+local function create_queue(keys, args)
+  local Q = queue(keys)
+  local old = redis.call('HGET', Q.config, 'json')
+  for _, ready in ipairs(Q.ready) do
+    redis.pcall('XGROUP', 'CREATE', ready, GROUP, '0', 'MKSTREAM')
+  end
+  if old == args[2] then
+    return 'unchanged'
+  end
+  local fields = {'HSET', Q.config, 'json', args[2]}
+  for i = 3, #args do
+    fields[#fields + 1] = args[i]
+  end
+  redis.call(unpack(fields))
+  append(Q.log, 'queue.configured', nil, nil, nil, args[1], nil,
+    '{"config":' .. args[2] .. '}')
+  if old then
+    return 'updated'
+  end
+  return 'created'
+end
+
+--[[
+prune: remove a consumer that is gone (no liveness key) and holds nothing.
+KEYS: the queue's keys, then the consumer's worker key
+ARGV: consumer
+Returns 1 if it was removed. A consumer still holding an entry is kept:
+deleting it would delete its pending entries with it.
+]]
+local function prune(keys, args)
+  local Q = queue(keys)
+  local consumer = args[1]
+  if redis.call('EXISTS', keys[QUEUE_KEYS + 1]) == 1 then
+    return 0
+  end
+  for _, ready in ipairs(Q.ready) do
+    if #redis.call('XPENDING', ready, GROUP, '-', '+', 1, consumer) > 0 then
+      return 0
+    end
+  end
+  for _, ready in ipairs(Q.ready) do
+    redis.pcall('XGROUP', 'DELCONSUMER', ready, GROUP, consumer)
+  end
+  return 1
+end
