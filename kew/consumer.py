@@ -106,6 +106,10 @@ class Consumer:
         self._read: asyncio.Future[Any] | None = None
         self._weights = config.priority_weights
         self._credit = [0, 0, 0]
+        self._next_due: float | None = None
+        """When the next deferred task or retry is due, on this process's
+        monotonic clock (converted from the server's), if known."""
+        self._wake = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------
 
@@ -123,6 +127,7 @@ class Consumer:
         `wait`), cancel the rest, and hand back whatever is still held."""
         self._stopping = True
         self._stopped.set()
+        self._wake.set()
         if self._read is not None:
             self._read.cancel()
         if self._fetcher is not None:
@@ -183,6 +188,20 @@ class Consumer:
     def busy(self) -> int:
         return len(self.running)
 
+    def wake(self) -> None:
+        """Run `maintain` now: something may have become due sooner (a task
+        deferred from this process)."""
+        self._wake.set()
+
+    def _note_due(self, due: str, server_now: int) -> None:
+        """Remember a due time (server ms) as a local monotonic deadline."""
+        if not due:
+            return
+        at = time.monotonic() + (int(float(due)) - int(server_now)) / 1000
+        if self._next_due is None or at < self._next_due:
+            self._next_due = at
+            self._wake.set()
+
     # -- fetching --------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
@@ -191,16 +210,31 @@ class Consumer:
             try:
                 await self._fetch_once()
                 backoff = 0.05
-            except (KewError, rex.RedisError, OSError) as exc:
-                logger.warning(
-                    "consumer %s cannot fetch from queue %s (%s); retrying in %.1fs",
-                    self.name,
-                    self.keys.queue,
-                    exc,
-                    backoff,
-                )
+            except Exception as exc:
+                self._loop_failed("fetch from", exc)
                 await self._pause(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _loop_failed(self, what: str, exc: Exception) -> None:
+        """Log a failed round of a loop, which then carries on: a lost server
+        is a warning; anything else is a bug, logged with its traceback, that
+        still must not stop the consumer for good."""
+        if isinstance(exc, KewError | rex.RedisError | OSError):
+            logger.warning(
+                "consumer %s cannot %s queue %s (%s); retrying",
+                self.name,
+                what,
+                self.keys.queue,
+                exc,
+            )
+        else:
+            logger.error(
+                "consumer %s failed to %s queue %s; retrying",
+                self.name,
+                what,
+                self.keys.queue,
+                exc_info=exc,
+            )
 
     async def _fetch_once(self) -> None:
         await self.slots.acquire()
@@ -311,6 +345,11 @@ class Consumer:
             async with asyncio.timeout(seconds):
                 await self._stopped.wait()
 
+    @staticmethod
+    def _server_now(event_id: str) -> int:
+        """The server's time when it wrote an event (ms)."""
+        return int(event_id.partition("-")[0])
+
     def _level(self, stream: str) -> int:
         return self.keys.ready_all.index(stream) + 1
 
@@ -345,7 +384,9 @@ class Consumer:
             self.finishing.add(attempt.entry)
             row = await self._batcher.finish(outcome)
             if row[0] == "ok":
-                if row[2] != "retry":
+                if row[2] == "retry":
+                    self._note_due(row[3], self._server_now(row[1]))
+                else:
                     self.on_finished(self.keys.queue, attempt.task_id)
                 if not self.hooks.empty:
                     await self.hooks.after(attempt, outcome)
@@ -468,15 +509,20 @@ class Consumer:
         while not self._stopping:
             try:
                 await self._maintain_once()
-            except (KewError, rex.RedisError, OSError) as exc:
-                logger.warning(
-                    "consumer %s cannot renew its leases on queue %s (%s)",
-                    self.name,
-                    self.keys.queue,
-                    exc,
-                )
-            # A little jitter keeps many consumers from renewing in lockstep.
-            await self._pause(interval * random.uniform(0.9, 1.0))
+            except Exception as exc:
+                self._loop_failed("renew its leases on", exc)
+            # A little jitter keeps many consumers from renewing in lockstep;
+            # a task due sooner than the next renewal wakes the loop earlier,
+            # and its promotion wakes the blocking read of every consumer.
+            pause = interval * random.uniform(0.9, 1.0)
+            if self._next_due is not None:
+                pause = min(pause, max(self._next_due - time.monotonic(), 0.001))
+            self._wake.clear()
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()
 
     async def _maintain_once(self) -> None:
         held: dict[str, list[str]] = {stream: [] for stream in self.keys.ready_all}
@@ -509,7 +555,11 @@ class Consumer:
         except BaseException:
             self.slots.release(room)
             raise
-        lost, rows, cancel = cast(tuple[list[str], list[list[str]], list[str]], reply)
+        lost, rows, cancel, next_due, now = cast(
+            tuple[list[str], list[list[str]], list[str], str, int], reply
+        )
+        self._next_due = None
+        self._note_due(next_due, now)
         self.slots.release(room - self._dispatch(rows))
         if lost:
             self._forget(set(lost))

@@ -44,10 +44,13 @@ class TaskFunction:
         self.name = name
         self.func = func
         self.signature = inspect.signature(func)
+        target: Callable[..., Any] = func
+        if not (inspect.isroutine(func) or isinstance(func, functools.partial)):
+            target = func.__call__  # a callable instance: validate its method
         try:
-            validated: Any = pydantic.validate_call(config=_VALIDATION)(func)
+            validated: Any = pydantic.validate_call(config=_VALIDATION)(target)
             self._run: Callable[..., Awaitable[Any]] = validated
-        except (pydantic.PydanticSchemaGenerationError, TypeError) as exc:
+        except (pydantic.PydanticUserError, TypeError) as exc:
             # A signature pydantic cannot describe still runs, unconverted.
             logger.debug("arguments of %s will not be converted: %s", name, exc)
             self._run = func

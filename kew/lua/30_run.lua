@@ -242,7 +242,8 @@ error) or 'cancelled'. jitter, in [0, 1), spreads retries.
 An attempt is recorded only if this consumer still owns it: the task is
 processing under this consumer, attempt and version unchanged, and the pending
 entry's owner is this consumer (XACK alone checks none of that). Returns per
-attempt {'ok', event id, new state} or {'fenced', why}.
+attempt {'ok', event id, new state, due time of a retry or ''} or
+{'fenced', why}.
 ]]
 local function finish(keys, args)
   local Q = queue(keys)
@@ -280,7 +281,7 @@ local function finish(keys, args)
       local trial, tp = t[8] == '1', t[7]
       local n = tonumber(attempt)
       local retry = outcome == 'failed' and n <= tonumber(t[9] or '0')
-      local state, eid
+      local state, eid, due
       drop_entry(ready, entry_id)
       if outcome == 'succeeded' then
         state = 'completed'
@@ -307,7 +308,7 @@ local function finish(keys, args)
           local delay = tonumber(t[10]) * 2 ^ (n - 1)
           delay = math.min(delay, cfg.max_retry_delay_ms)
           delay = math.floor(delay * (0.5 + 0.5 * tonumber(a[9])))
-          local due = now + delay
+          due = now + delay
           eid = append(Q.log, 'task.retry_scheduled', task_id, eid, attempt,
             consumer, tp, '{"due_at":' .. due .. ',"delay_ms":' .. delay .. '}')
           redis.call('HSET', task, 'due_at', due)
@@ -326,7 +327,7 @@ local function finish(keys, args)
         redis.call('HSET', task, 'finished_at', ms_of(eid))
         ended(task, task_id, expiry, channel)
       end
-      rows[#rows + 1] = {'ok', eid, state}
+      rows[#rows + 1] = {'ok', eid, state, due or ''}
     end
   end
   return rows

@@ -4,15 +4,17 @@ hands back what it will not finish.
 ]]
 
 --[[
-maintain: a consumer's periodic call. Refreshes its liveness key, renews the
-lease on every entry it holds, reports which of them were asked to cancel, and
-takes over entries whose lease lapsed (unless the breaker is open).
+maintain: a consumer's periodic call. Refreshes its liveness key, promotes due
+tasks, renews the lease on every entry it holds, reports which of them were
+asked to cancel, and takes over entries whose lease lapsed (unless the breaker
+is open).
 KEYS: the queue's keys, then the consumer's worker key
 ARGV: consumer, lease ms, liveness ttl ms, liveness value, task key prefix,
       how many entries it may take over, expiry seconds, finished channel,
       then per ready stream (high, medium, low): a count n followed by n pairs
       of held entry id and task id
-Returns {lost entry ids, rows (see start_entry), task ids asked to cancel}.
+Returns {lost entry ids, rows (see start_entry), task ids asked to cancel,
+next due time or '', server time}.
 ]]
 local function maintain(keys, args)
   local Q = queue(keys)
@@ -22,6 +24,7 @@ local function maintain(keys, args)
   local env = {consumer = consumer, now = now_ms(), expiry = args[7],
     channel = args[8]}
   redis.call('SET', keys[QUEUE_KEYS + 1], args[4], 'PX', args[3])
+  local next_due = promote(Q, task_prefix, consumer, env.now, 100)
 
   local lost, rows, cancel = {}, {}, {}
   local pos = 9
@@ -88,7 +91,7 @@ local function maintain(keys, args)
       end
     end
   end
-  return {lost, rows, cancel}
+  return {lost, rows, cancel, next_due, env.now}
 end
 
 --[[

@@ -1,0 +1,275 @@
+"""Retries with backoff, timeouts, hooks and the earlier release's spellings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from kew import (
+    ConfigurationError,
+    QueueConfig,
+    QueuePriority,
+    TaskInfo,
+    TaskQueueManager,
+    TaskStatus,
+)
+from kew.events import TaskRetryScheduled
+from kew.events.log import read
+from kew.keys import QueueKeys
+
+from .conftest import eventually
+
+MakeManager = Callable[..., Awaitable[TaskQueueManager]]
+
+
+class Flaky:
+    """A task function that fails its first `failures` calls."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(f"attempt {self.calls} failed")
+        return "finally"
+
+
+async def _task_events(
+    client: aioredis.Redis, prefix: str, task_id: str, queue: str = "q"
+) -> list[Any]:
+    return [
+        e
+        async for e in read(client, QueueKeys(prefix, queue).log)
+        if e.task_id == task_id
+    ]
+
+
+async def test_a_task_is_retried_until_it_succeeds(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """Each attempt is an event; attempt and retry_count agree with the log."""
+    flaky = Flaky(failures=2)
+    manager.registry.register(flaky, "tests.flaky_until_third")
+    await manager.create_queue(QueueConfig(name="q", max_retries=3, retry_delay=0.05))
+    await manager.submit_task("r", "q", "tests.flaky_until_third")
+    info = await manager.wait_for_task("r", timeout=10)
+
+    assert info.status is TaskStatus.COMPLETED
+    assert info.result == "finally"
+    assert info.attempt == 3
+    assert info.retry_count == 2
+    assert info.error is None
+    assert flaky.calls == 3
+    types = [(e.type, e.attempt) for e in await _task_events(client, prefix, "r")]
+    assert types == [
+        ("task.submitted", 0),
+        ("task.started", 1),
+        ("task.failed", 1),
+        ("task.retry_scheduled", 1),
+        ("task.enqueued", 1),
+        ("task.started", 2),
+        ("task.failed", 2),
+        ("task.retry_scheduled", 2),
+        ("task.enqueued", 2),
+        ("task.started", 3),
+        ("task.succeeded", 3),
+    ]
+    assert await manager.verify_projections("q") == []
+
+
+async def test_a_task_fails_when_its_retries_run_out(
+    manager: TaskQueueManager,
+) -> None:
+    """max_retries=2 means three attempts, then `failed` with the last error."""
+    flaky = Flaky(failures=10)
+    manager.registry.register(flaky, "tests.always_failing")
+    await manager.create_queue(QueueConfig(name="q", max_retries=2, retry_delay=0.01))
+    await manager.submit_task("r", "q", "tests.always_failing")
+    info = await manager.wait_for_task("r", timeout=10)
+    assert info.status is TaskStatus.FAILED
+    assert info.attempt == 3
+    assert info.error == "attempt 3 failed"
+    assert flaky.calls == 3
+    assert await manager.verify_projections("q") == []
+
+
+async def test_backoff_doubles_with_jitter(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """The n-th retry waits between half and all of retry_delay * 2**(n-1)."""
+    flaky = Flaky(failures=3)
+    manager.registry.register(flaky, "tests.flaky_backoff")
+    await manager.create_queue(QueueConfig(name="q", max_retries=3, retry_delay=0.04))
+    await manager.submit_task("r", "q", "tests.flaky_backoff")
+    await manager.wait_for_task("r", timeout=10)
+    delays = [
+        e.delay_ms
+        for e in await _task_events(client, prefix, "r")
+        if isinstance(e, TaskRetryScheduled)
+    ]
+    assert len(delays) == 3
+    for n, delay in enumerate(delays, start=1):
+        full = 40 * 2 ** (n - 1)
+        assert full / 2 <= delay <= full
+
+
+async def test_retry_waits_with_status_retry_and_can_be_cancelled(
+    manager: TaskQueueManager,
+) -> None:
+    """Between attempts the task is `retry`, with its due time and last error."""
+    flaky = Flaky(failures=1)
+    manager.registry.register(flaky, "tests.flaky_slow_retry")
+    await manager.create_queue(QueueConfig(name="q", max_retries=1, retry_delay=60))
+    await manager.submit_task("r", "q", "tests.flaky_slow_retry")
+    await eventually(
+        lambda: _status_is(manager, "r", TaskStatus.RETRY), what="the retry wait"
+    )
+    info = await manager.get_task_status("r")
+    assert info.error == "attempt 1 failed"
+    assert info.due_time is not None
+    assert info.due_time > info.started_time  # type: ignore[operator]
+    assert (await manager.get_queue_status("q"))["retry_tasks"] == 1
+    assert await manager.cancel_task("r") is True
+    assert (await manager.wait_for_task("r", 10)).status is TaskStatus.CANCELLED
+    assert await manager.verify_projections("q") == []
+
+
+async def _status_is(
+    manager: TaskQueueManager, task_id: str, status: TaskStatus
+) -> bool:
+    return (await manager.get_task_status(task_id)).status is status
+
+
+async def test_per_task_overrides_of_the_queue_policy(
+    manager: TaskQueueManager,
+) -> None:
+    """max_retries, retry_delay and task_timeout given at submit win."""
+    flaky = Flaky(failures=1)
+    manager.registry.register(flaky, "tests.flaky_override")
+    await manager.create_queue(QueueConfig(name="q"))  # no retries by default
+    await manager.submit_task(
+        "r", "q", "tests.flaky_override", max_retries=1, retry_delay=0.01
+    )
+    assert (await manager.wait_for_task("r", 10)).status is TaskStatus.COMPLETED
+    with pytest.raises(ConfigurationError, match="max_retries=-1"):
+        await manager.submit_task("x", "q", "tests.flaky_override", max_retries=-1)
+    with pytest.raises(ConfigurationError, match="task_timeout=0"):
+        await manager.submit_task("y", "q", "tests.flaky_override", task_timeout=0)
+
+
+async def test_a_timed_out_attempt_is_cancelled_and_counts_as_a_failure(
+    manager: TaskQueueManager,
+) -> None:
+    """task_timeout cancels the attempt; the failure follows the retry policy."""
+    cancelled: list[int] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(1)
+            raise
+
+    await manager.create_queue(
+        QueueConfig(name="q", task_timeout=0.1, max_retries=1, retry_delay=0.01)
+    )
+    await manager.submit_task("t", "q", slow)
+    info = await manager.wait_for_task("t", timeout=10)
+    assert info.status is TaskStatus.FAILED
+    assert info.error == "Task timed out after 0.1s"
+    assert info.attempt == 2
+    assert cancelled == [1, 1]
+
+    async def quick() -> str:
+        return "in time"
+
+    await manager.submit_task("u", "q", quick, task_timeout=5)
+    assert (await manager.wait_for_task("u", 10)).result == "in time"
+    assert await manager.verify_projections("q") == []
+
+
+async def test_hooks_run_sync_or_async_and_a_raising_hook_is_harmless(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_task_start, on_task_complete and on_task_fail see each attempt; a hook
+    that raises is logged and changes nothing."""
+    seen: list[tuple[str, str, str]] = []
+
+    def on_start(info: TaskInfo) -> None:
+        seen.append(("start", info.task_id, info.status.value))
+
+    async def on_complete(info: TaskInfo) -> None:
+        seen.append(("complete", info.task_id, info.status.value))
+        raise RuntimeError("a broken hook")
+
+    def on_fail(info: TaskInfo, error: Exception) -> None:
+        seen.append(("fail", info.task_id, f"{info.status.value}: {error}"))
+
+    manager = await make_manager(
+        on_task_start=on_start, on_task_complete=on_complete, on_task_fail=on_fail
+    )
+    flaky = Flaky(failures=1)
+    manager.registry.register(flaky, "tests.flaky_hooks")
+    await manager.create_queue(QueueConfig(name="q", max_retries=1, retry_delay=0.01))
+    with caplog.at_level(logging.ERROR, logger="kew.hooks"):
+        await manager.submit_task("h", "q", "tests.flaky_hooks")
+        info = await manager.wait_for_task("h", timeout=10)
+        await eventually(lambda: len(seen) == 4, what="four hook calls")
+    assert info.status is TaskStatus.COMPLETED
+    assert seen == [
+        ("start", "h", "processing"),
+        ("fail", "h", "retry: attempt 1 failed"),
+        ("start", "h", "processing"),
+        ("complete", "h", "completed"),
+    ]
+    assert "a broken hook" in caplog.text
+
+
+async def test_earlier_release_spellings_are_accepted(
+    manager: TaskQueueManager,
+) -> None:
+    """task_type= and priority= at submit, get_ongoing_tasks, shutdown(wait,
+    timeout) letting a running task finish."""
+    gate = asyncio.Event()
+
+    async def job(n: int) -> int:
+        await gate.wait()
+        return n
+
+    await manager.create_queue(QueueConfig(name="q", max_workers=2))
+    info = await manager.submit_task(
+        task_id="a",
+        queue_name="q",
+        task_type="process_item",
+        task_func=job,
+        priority=QueuePriority.HIGH,
+        n=1,
+    )
+    assert info.task_type == "process_item"
+    assert info.priority is QueuePriority.HIGH
+    await eventually(
+        lambda: _status_is(manager, "a", TaskStatus.PROCESSING), what="a to start"
+    )
+    ongoing = await manager.get_ongoing_tasks()
+    assert [t.task_id for t in ongoing] == ["a"]
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(gate.set)
+    await manager.shutdown(wait=True, timeout=10)
+    # The task finished inside the shutdown's grace period.
+    checker = await TaskQueueManager(
+        redis_url=manager.redis_url, key_prefix=manager.key_prefix, consume=False
+    ).__aenter__()
+    try:
+        done = await checker.get_task_status("a")
+        assert done.status is TaskStatus.COMPLETED
+        assert done.result == 1
+    finally:
+        await checker.shutdown()
