@@ -409,6 +409,9 @@ class TaskQueueManager:
             ),
         )
         check_submit_reply(reply, keys.queue)
+        deferred = any(s.options.defer_until_ms or s.options.defer_by_ms for s in batch)
+        if deferred and queue.consumer is not None:
+            queue.consumer.wake()  # so it learns the new due time at once
         infos: list[TaskInfo] = []
         for i, submission in enumerate(batch):
             self._remember(submission.task_id, keys.queue)

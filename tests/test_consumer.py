@@ -142,7 +142,7 @@ async def test_finish_is_fenced_for_a_consumer_that_lost_the_attempt(
     manager: TaskQueueManager, client: aioredis.Redis, prefix: str
 ) -> None:
     """The finish function refuses an outcome from anyone but the attempt's
-    owner, and from the owner for a stale attempt or version."""
+    owner, and from the owner for another attempt or entry."""
     gate = asyncio.Event()
 
     async def held() -> None:
@@ -156,19 +156,19 @@ async def test_finish_is_fenced_for_a_consumer_that_lost_the_attempt(
     keys = QueueKeys(prefix, "q")
     fields = await client.hgetall(keys.task("t"))
 
-    async def finish(consumer: str, attempt: str, version: str) -> list[Any]:
-        outcome = [attempt, version, "succeeded", "1", "{}", 0]
+    async def finish(consumer: str, attempt: str, entry: str) -> list[Any]:
+        outcome = [attempt, fields["version"], "succeeded", "1", "{}", 0]
         reply = await functions.call(
             client,
             "finish",
             [*keys.queue_keys, keys.task("t")],
-            [consumer, 60, keys.finished_channel, "t", fields["entry"], 2, *outcome],
+            [consumer, 60, keys.finished_channel, "t", entry, 2, *outcome],
         )
         return list(reply[0])
 
-    assert (await finish("intruder", "1", fields["version"]))[0] == "fenced"
-    assert (await finish(manager.identity, "2", fields["version"]))[0] == "fenced"
-    assert (await finish(manager.identity, "1", "99"))[0] == "fenced"
+    assert (await finish("intruder", "1", fields["entry"]))[0] == "fenced"
+    assert (await finish(manager.identity, "2", fields["entry"]))[0] == "fenced"
+    assert (await finish(manager.identity, "1", "1-1"))[0] == "fenced"
     assert await client.hget(keys.task("t"), "state") == "processing"
     gate.set()
     assert (await manager.wait_for_task("t", 10)).status is TaskStatus.COMPLETED

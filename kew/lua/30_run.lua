@@ -240,8 +240,11 @@ ARGV: consumer, expiry seconds, finished channel, then per attempt:
 outcome is 'succeeded' (value: the result's JSON), 'failed' (value: the
 error) or 'cancelled'. jitter, in [0, 1), spreads retries.
 An attempt is recorded only if this consumer still owns it: the task is
-processing under this consumer, attempt and version unchanged, and the pending
-entry's owner is this consumer (XACK alone checks none of that). Returns per
+processing under this consumer, with the same attempt and entry, and the
+pending entry's owner is this consumer (XACK alone checks none of that). The
+version may have moved on: a cancel request adds an event while the attempt
+runs, and does not make its outcome stale. (`version` is still passed, for the
+log line of a refusal.) Returns per
 attempt {'ok', event id, new state, due time of a retry or ''} or
 {'fenced', why}.
 ]]
@@ -264,10 +267,11 @@ local function finish(keys, args)
       'attempt', 'owner', 'entry', 'tp', 'trial', 'max_retries',
       'retry_delay_ms')
     local why = nil
-    if t[1] ~= 'processing' or t[2] ~= version or t[4] ~= attempt
-        or t[5] ~= consumer or t[6] ~= entry_id then
+    if t[1] ~= 'processing' or t[4] ~= attempt or t[5] ~= consumer
+        or t[6] ~= entry_id then
       why = 'task is ' .. tostring(t[1]) .. ' at version ' .. tostring(t[2]) ..
-        ', attempt ' .. tostring(t[4]) .. ' of ' .. tostring(t[5])
+        ' (attempt ' .. attempt .. ' was at ' .. version .. '), attempt ' ..
+        tostring(t[4]) .. ' of ' .. tostring(t[5])
     else
       local p = redis.call('XPENDING', ready, GROUP, entry_id, entry_id, 1)[1]
       if not p or p[2] ~= consumer then
@@ -320,7 +324,7 @@ local function finish(keys, args)
         extra = 2
       end
       redis.call('HSET', task, 'state', state, 'version',
-        tonumber(version) + extra, 'last_event', eid)
+        tonumber(t[2]) + extra, 'last_event', eid)
       redis.call('HDEL', task, 'trial', 'cancel_requested')
       move(Q.stats, 'processing', state)
       if not retry then
