@@ -434,10 +434,17 @@ class Consumer:
             )
         if self.hooks.on_task_start is not None:
             await self.hooks.before(attempt)
-        arguments = json.loads(attempt.args)
-        run = asyncio.ensure_future(
-            function.run(arguments["args"], arguments["kwargs"])
-        )
+        try:
+            arguments = json.loads(attempt.args)
+            args, kwargs = list(arguments["args"]), dict(arguments["kwargs"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return _failure(
+                attempt,
+                f"The stored arguments of task {attempt.task_id!r} cannot be "
+                f"decoded ({exc}); submit the task again.",
+                "SerializationError",
+            )
+        run = asyncio.ensure_future(function.run(args, kwargs))
         self._functions[attempt.task_id] = run
         try:
             async with asyncio.timeout(attempt.timeout):

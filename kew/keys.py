@@ -119,8 +119,14 @@ class QueueKeys:
     @property
     def queue_keys(self) -> list[str]:
         """The keys every function of the library takes first, in its order."""
-        return [self.log, self.stats, self.config, self.breaker, self.sched] + [
-            self.ready(level) for level in LEVELS
+        return [
+            self.log,
+            self.stats,
+            self.config,
+            self.breaker,
+            self.sched,
+            *(self.ready(level) for level in LEVELS),
+            self.dlq,
         ]
 
     @property

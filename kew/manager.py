@@ -272,12 +272,24 @@ class TaskQueueManager:
         self._queues[config.name] = queue
         logger.info("queue %s %s", config.name, outcome)
         if self.consume:
-            self._start_consumer(queue)
-            consumer = queue.consumer
-            assert consumer is not None
-            await cast(Waiters, self._waiters).listen(
-                keys.cancel_channel, consumer.cancel
-            )
+            await self._consume(queue)
+
+    async def attach_queue(self, name: str) -> QueueConfig:
+        """Run the tasks of a queue created elsewhere (by another process), with
+        the configuration stored when it was created; returns that config.
+        Works also for a manager made with `consume=False`, which consumes only
+        the queues it attaches to this way."""
+        queue = await self._queue(name)
+        if queue.consumer is None:
+            await self._consume(queue)
+        return queue.config
+
+    async def _consume(self, queue: _Queue) -> None:
+        self._start_consumer(queue)
+        consumer = queue.consumer
+        assert consumer is not None
+        waiters = cast(Waiters, self._waiters)
+        await waiters.listen(queue.keys.cancel_channel, consumer.cancel)
 
     def _start_consumer(self, queue: _Queue) -> None:
         assert self.redis_url is not None or self._server is not None
@@ -571,6 +583,40 @@ class TaskQueueManager:
                 self.client, QueueKeys(self.key_prefix, name)
             )
         return ongoing
+
+    # -- dead letters ----------------------------------------------------
+
+    async def dead_letters(self, queue_name: str) -> list[dict[str, str]]:
+        """The queue's dead letters, oldest first: each with its stream `id`,
+        `task_id`, `deliveries`, `previous` (the last consumer) and `reason`."""
+        queue = await self._queue(queue_name)
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            await guarded(self.client.xrange(queue.keys.dlq)),
+        )
+        return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+    async def requeue_dead_letters(self, queue_name: str, limit: int = 1000) -> int:
+        """Send dead-lettered tasks back to the queue as new attempts; returns
+        how many went back. Run it once the cause of the crash loop is fixed."""
+        queue = await self._queue(queue_name)
+        requeued, dropped = cast(
+            list[int],
+            await functions.call(
+                self.client,
+                "requeue",
+                queue.keys.queue_keys,
+                [self.identity, queue.keys.task_prefix, limit],
+            ),
+        )
+        if dropped:
+            logger.info(
+                "dropped %s dead letters of queue %s whose task was gone or "
+                "already requeued",
+                dropped,
+                queue_name,
+            )
+        return int(requeued)
 
     # -- projections -----------------------------------------------------
 

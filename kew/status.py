@@ -99,8 +99,9 @@ async def queue_status(
     async with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.stats)
         pipe.hgetall(keys.breaker)
-        stats, breaker = cast(
-            tuple[dict[str, str], dict[str, str]], await guarded(pipe.execute())
+        pipe.xlen(keys.dlq)
+        stats, breaker, dead = cast(
+            tuple[dict[str, str], dict[str, str], int], await guarded(pipe.execute())
         )
     count = {name: int(value) for name, value in stats.items()}
     until = int(breaker.get("until", 0))
@@ -117,6 +118,7 @@ async def queue_status(
         "completed_tasks": count.get("completed", 0),
         "failed_tasks": count.get("failed", 0),
         "cancelled_tasks": count.get("cancelled", 0),
+        "dead_letters": int(dead),
         "circuit_breaker_status": breaker.get("state", "closed"),
         "circuit_breaker_failures": int(breaker.get("failures", 0)),
         "circuit_breaker_open_until": entry_time(f"{until}-0") if until else None,

@@ -36,6 +36,7 @@ __all__ = [
     "QueueConfigured",
     "TaskCancelRequested",
     "TaskCancelled",
+    "TaskDeadLettered",
     "TaskEnqueued",
     "TaskEvent",
     "TaskFailed",
@@ -43,6 +44,7 @@ __all__ = [
     "TaskLost",
     "TaskReclaimed",
     "TaskReleased",
+    "TaskRequeued",
     "TaskRetryScheduled",
     "TaskStarted",
     "TaskSubmitted",
@@ -192,6 +194,26 @@ class TaskReleased(TaskEvent):
     reason: str = ""
 
 
+class TaskDeadLettered(TaskEvent):
+    """A crash loop: the task's entry was delivered more than max_deliveries
+    times without an outcome; the task went to the dead-letter stream."""
+
+    type: Literal["task.dead_lettered"] = "task.dead_lettered"
+    reason: str
+    deliveries: int
+    entry: str
+    dead_letter: str
+    """The entry id in the dead-letter stream."""
+
+
+class TaskRequeued(TaskEvent):
+    """A dead-lettered task was sent back to its ready stream."""
+
+    type: Literal["task.requeued"] = "task.requeued"
+    entry: str
+    dead_letter: str
+
+
 class TaskLost(Event):
     """A ready entry that vanished from its stream while pending (trimmed or
     deleted by hand). Its task id went with it; the entry id is all that is left."""
@@ -240,6 +262,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TaskReclaimed,
         TaskInterrupted,
         TaskReleased,
+        TaskDeadLettered,
+        TaskRequeued,
         TaskLost,
         QueueConfigured,
     )

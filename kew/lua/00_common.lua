@@ -26,7 +26,7 @@ Invariants every function keeps:
   deterministic for a given input.
 
 Every function takes the queue's keys first, in this order (see `queue`):
-log, stats, config, breaker, sched, ready:high, ready:medium, ready:low.
+log, stats, config, breaker, sched, ready:high, ready:medium, ready:low, dlq.
 
 The Python mirror of what these functions write is kew/projections/.
 ]]
@@ -36,12 +36,12 @@ local GROUP = '__GROUP__'
 local IDLE_NOW = '1000000000'
 local LEVELS = {'high', 'medium', 'low'}
 local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
-local QUEUE_KEYS = 8
+local QUEUE_KEYS = 9
 
 local function queue(keys)
   return {
     log = keys[1], stats = keys[2], config = keys[3], breaker = keys[4],
-    sched = keys[5], ready = {keys[6], keys[7], keys[8]},
+    sched = keys[5], ready = {keys[6], keys[7], keys[8]}, dlq = keys[9],
   }
 end
 
@@ -89,13 +89,14 @@ end
 local function settings(Q)
   local c = redis.call('HMGET', Q.config, 'max_size',
     'circuit_breaker_max_failures', 'circuit_breaker_reset_timeout',
-    'circuit_breaker_trials', 'max_retry_delay')
+    'circuit_breaker_trials', 'max_retry_delay', 'max_deliveries')
   return {
     max_size = tonumber(c[1]) or 0,
     max_failures = tonumber(c[2]) or 3,
     reset_ms = math.floor((tonumber(c[3]) or 60) * 1000),
     trials = tonumber(c[4]) or 1,
     max_retry_delay_ms = math.floor((tonumber(c[5]) or 3600) * 1000),
+    max_deliveries = tonumber(c[6]) or 5,
   }
 end
 

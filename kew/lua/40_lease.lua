@@ -4,10 +4,42 @@ hands back what it will not finish.
 ]]
 
 --[[
+A crash loop: an entry delivered more than max_deliveries times without an
+outcome (each time its consumer died, or froze past its lease). Its task goes
+to the dead-letter stream and ends `failed`; its record does not expire, so
+`requeue` can send it back. It counts as a final failure for the breaker.
+]]
+local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
+                           deliveries, owner)
+  drop_entry(ready, entry_id)
+  local t = task_fields(task)
+  if t.state ~= 'processing' and t.state ~= 'queued' then
+    return
+  end
+  local reason = 'delivered ' .. deliveries .. ' times without an outcome ' ..
+    '(max_deliveries=' .. cfg.max_deliveries .. '): its consumers died or ' ..
+    'froze while running it'
+  local dlq_entry = redis.call('XADD', Q.dlq, '*', 'task_id', task_id,
+    'entry', entry_id, 'deliveries', deliveries, 'previous', owner or '',
+    'reason', reason)
+  local eid = append(Q.log, 'task.dead_lettered', task_id, t.last_event,
+    t.attempt, env.consumer, t.tp, '{"reason":' .. json_string(reason) ..
+    ',"deliveries":' .. deliveries .. ',"entry":' .. json_string(entry_id) ..
+    ',"dead_letter":' .. json_string(dlq_entry) .. '}')
+  redis.call('HSET', task, 'state', 'failed', 'version', t.version + 1,
+    'last_event', eid, 'error', reason, 'finished_at', ms_of(eid),
+    'dead_letter', dlq_entry)
+  redis.call('HDEL', task, 'trial', 'cancel_requested')
+  move(Q.stats, t.state, 'failed')
+  breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial)
+  redis.call('PUBLISH', env.channel, task_id)
+end
+
+--[[
 maintain: a consumer's periodic call. Refreshes its liveness key, promotes due
 tasks, renews the lease on every entry it holds, reports which of them were
 asked to cancel, and takes over entries whose lease lapsed (unless the breaker
-is open).
+is open), dead-lettering those delivered too often.
 KEYS: the queue's keys, then the consumer's worker key
 ARGV: consumer, lease ms, liveness ttl ms, liveness value, task key prefix,
       how many entries it may take over, expiry seconds, finished channel,
@@ -84,8 +116,14 @@ local function maintain(keys, args)
               json_string(ready) .. ',"previous":' .. json_string(owner) .. '}')
           else
             local task_id = fields_map(claimed[1][2])['task_id'] or ''
-            rows[#rows + 1] = start_entry(Q, cfg, env, ready,
-              task_prefix .. task_id, task_id, entry_id, {owner, idle_ms}, gate)
+            local deliveries = tonumber(p[4]) + 1
+            if deliveries > cfg.max_deliveries then
+              dead_letter(Q, cfg, env, ready, task_prefix .. task_id, task_id,
+                entry_id, deliveries, owner)
+            else
+              rows[#rows + 1] = start_entry(Q, cfg, env, ready,
+                task_prefix .. task_id, task_id, entry_id, {owner, idle_ms}, gate)
+            end
           end
         end
       end

@@ -45,6 +45,43 @@ local function cancel(keys, args)
 end
 
 --[[
+requeue: send dead-lettered tasks back to their ready streams, as new
+attempts (task.requeued). A dead letter whose task record is gone, or whose
+task is no longer dead-lettered, is dropped from the stream and counted apart.
+KEYS: the queue's keys
+ARGV: actor, task key prefix, how many at most
+Returns {requeued, dropped}.
+]]
+local function requeue(keys, args)
+  local Q = queue(keys)
+  local actor, task_prefix = args[1], args[2]
+  local requeued, dropped = 0, 0
+  for _, entry in ipairs(redis.call('XRANGE', Q.dlq, '-', '+', 'COUNT', args[3])) do
+    local task_id = fields_map(entry[2])['task_id'] or ''
+    local task = task_prefix .. task_id
+    local t = task_fields(task)
+    local dead = redis.call('HGET', task, 'dead_letter')
+    redis.call('XDEL', Q.dlq, entry[1])
+    if t.state == 'failed' and dead == entry[1] then
+      local priority = tonumber(redis.call('HGET', task, 'priority'))
+      local rid = enqueue(Q.ready[priority], task_id, t.tp)
+      local eid = append(Q.log, 'task.requeued', task_id, t.last_event, t.attempt,
+        actor, t.tp, '{"entry":' .. json_string(rid) .. ',"dead_letter":' ..
+        json_string(entry[1]) .. '}')
+      redis.call('HSET', task, 'state', 'queued', 'version', t.version + 1,
+        'last_event', eid)
+      redis.call('HDEL', task, 'dead_letter', 'finished_at')
+      redis.call('PERSIST', task)
+      move(Q.stats, 'failed', 'queued')
+      requeued = requeued + 1
+    else
+      dropped = dropped + 1
+    end
+  end
+  return {requeued, dropped}
+end
+
+--[[
 create_queue: make the ready streams and their group, store the configuration.
 KEYS: the queue's keys
 ARGV: actor, configuration JSON, then field/value pairs for the config hash

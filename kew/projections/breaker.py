@@ -16,6 +16,7 @@ from kew.events.models import (
     BreakerOpened,
     Event,
     TaskCancelled,
+    TaskDeadLettered,
     TaskFailed,
     TaskInterrupted,
     TaskStarted,
@@ -79,7 +80,9 @@ def _step(b: BreakerState, event: Event, task: TaskState | None) -> BreakerState
         )
     if isinstance(event, TaskSucceeded):
         return replace(b, failures=0)
-    if isinstance(event, TaskFailed) and not event.retry:
+    if (isinstance(event, TaskFailed) and not event.retry) or isinstance(
+        event, TaskDeadLettered
+    ):
         return replace(b, failures=b.failures + 1)
     if isinstance(event, TaskStarted) and event.trial and not trial:
         return replace(b, trials=b.trials + 1)

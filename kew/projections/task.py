@@ -20,11 +20,13 @@ from kew.events.models import (
     Event,
     TaskCancelled,
     TaskCancelRequested,
+    TaskDeadLettered,
     TaskEnqueued,
     TaskEvent,
     TaskFailed,
     TaskInterrupted,
     TaskReleased,
+    TaskRequeued,
     TaskRetryScheduled,
     TaskStarted,
     TaskSubmitted,
@@ -68,6 +70,8 @@ class TaskState:
     error: str | None = None
     trial: str | None = None
     cancel_requested: str | None = None
+    dead_letter: str | None = None
+    """The task's entry in the dead-letter stream, while it is there."""
 
     @property
     def finished(self) -> bool:
@@ -111,6 +115,7 @@ class TaskState:
             error=fields.get("error"),
             trial=fields.get("trial"),
             cancel_requested=fields.get("cancel_requested"),
+            dead_letter=fields.get("dead_letter"),
         )
 
 
@@ -177,6 +182,16 @@ def _transition(step: TaskState, event: TaskEvent) -> TaskState:
         return replace(step, cancel_requested="1")
     if isinstance(event, TaskCancelled):
         return replace(step, state="cancelled", due_at=None, **ended)
+    if isinstance(event, TaskDeadLettered):
+        return replace(
+            step,
+            state="failed",
+            error=event.reason,
+            dead_letter=event.dead_letter,
+            **ended,
+        )
+    if isinstance(event, TaskRequeued):
+        return replace(step, state="queued", dead_letter=None, finished_at=None)
     if isinstance(event, TaskInterrupted):
         return replace(step, state="queued", trial=None)
     if isinstance(event, TaskReleased):
