@@ -5,13 +5,15 @@ Invariants:
 * A slot (a permit of the queue, and a unit of the manager's shared capacity
   if it has one) is taken before an entry is claimed, never after: the fetch
   asks the server for at most as many entries as there are free slots, and a
-  takeover claims at most as many. The one exception is a blocking read over
-  several ready streams, which may return one entry per stream; those entries
-  are held (and their leases renewed) until slots free up.
-* Every entry this consumer holds, running or waiting, is renewed every third
-  of the lease by `maintain`. Entries it holds that someone else now owns are
-  reported as lost, and their local attempt is cancelled: the new owner runs
-  the task, and this consumer's outcome would be fenced anyway.
+  takeover claims at most as many. When there is nothing to fetch, the
+  consumer waits with a plain XREAD (outside the group) for entries newer than
+  those the fetch saw: waiting claims nothing.
+* Every entry this consumer holds is one of its running attempts, renewed
+  every third of the lease by `maintain`. Fetch and maintain never overlap in
+  one consumer, so maintain always knows every attempt the fetch started.
+  Entries it holds that someone else now owns are reported as lost, and their
+  local attempt is cancelled: the new owner runs the task, and this
+  consumer's outcome would be fenced anyway.
 * Outcomes are recorded by `finish`, batched: attempts that end in the same
   turn of the event loop share one round trip. A slot is released only after
   its outcome is recorded, so the server never shows more attempts of this
@@ -46,7 +48,7 @@ from kew import functions
 from kew.attempts import Attempt, FinishBatcher, Outcome
 from kew.errors import KewError
 from kew.hooks import Hooks
-from kew.keys import GROUP, LEVELS, QueueKeys
+from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
 from kew.permits import Slots
 from kew.registry import Registry
@@ -56,7 +58,7 @@ __all__ = ["Consumer"]
 logger = logging.getLogger(__name__)
 
 BLOCK_MS = 10_000
-"""How long one blocking read waits for a new entry before it is reissued."""
+"""How long one wait for a new entry lasts before it is reissued."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
 breaker is taken (the only state in which a consumer polls)."""
@@ -94,9 +96,6 @@ class Consumer:
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
-        self.waiting: dict[str, tuple[str, str]] = {}
-        """Entries received by a blocking read, not yet started:
-        entry -> (stream, task id)."""
         self._functions: dict[str, asyncio.Future[Any]] = {}
         self._batcher = FinishBatcher(self._record)
         self._stopping = False
@@ -110,6 +109,9 @@ class Consumer:
         """When the next deferred task or retry is due, on this process's
         monotonic clock (converted from the server's), if known."""
         self._wake = asyncio.Event()
+        self._exclusive = asyncio.Lock()
+        """Held by fetch and maintain around their call and the bookkeeping of
+        its reply, so that maintain always sees every started attempt."""
 
     # -- lifecycle -------------------------------------------------------
 
@@ -248,15 +250,18 @@ class Consumer:
         ]
         if self._weights is not None:
             args += self._quotas(n)
-        try:
-            reply = await functions.call(
-                self.client, "fetch", self.keys.queue_keys, args
+        async with self._exclusive:
+            try:
+                reply = await functions.call(
+                    self.client, "fetch", self.keys.queue_keys, args
+                )
+            except BaseException:
+                self.slots.release(n)
+                raise
+            rows, next_due, gate, now, newest = cast(
+                tuple[list[list[str]], str, str, int, list[str]], reply
             )
-        except BaseException:
-            self.slots.release(n)
-            raise
-        rows, next_due, gate, now = cast(tuple[list[list[str]], str, str, int], reply)
-        self.slots.release(n - self._dispatch(rows))
+            self.slots.release(n - self._dispatch(rows))
         if rows or self._stopping:
             return
         if gate.startswith("open:"):
@@ -268,7 +273,7 @@ class Consumer:
         block = BLOCK_MS
         if next_due:
             block = max(1, min(block, int(float(next_due)) - int(now)))
-        await self._read_and_start(block)
+        await self._wait_for_entries(block, newest)
 
     def _quotas(self, n: int) -> list[int]:
         """Split n entries among the levels by smooth weighted round robin; the
@@ -284,58 +289,25 @@ class Consumer:
             quotas[best] += 1
         return quotas
 
-    async def _read_and_start(self, block_ms: int) -> None:
-        entries = await self._blocking_read(block_ms)
-        if not entries:
-            return
-        for stream, entry, task_id in entries:
-            self.waiting[entry] = (stream, task_id)
-        try:
-            await self.slots.acquire(len(entries))
-            args: list[str | int] = [
-                self.name,
-                self.expiry_seconds,
-                self.keys.finished_channel,
-            ]
-            keys = list(self.keys.queue_keys)
-            for stream, entry, task_id in entries:
-                keys.append(self.keys.task(task_id))
-                args += [entry, task_id, self._level(stream)]
-            try:
-                reply = await functions.call(self.client, "start", keys, args)
-            except BaseException:
-                self.slots.release(len(entries))
-                raise
-        finally:
-            for _, entry, _ in entries:
-                self.waiting.pop(entry, None)
-        self.slots.release(len(entries) - self._dispatch(functions.rows(reply)))
-
-    async def _blocking_read(self, block_ms: int) -> list[tuple[str, str, str]]:
-        """Wait for a new entry on any ready stream; return (stream, entry id,
-        task id) of each entry delivered."""
+    async def _wait_for_entries(self, block_ms: int, after: list[str]) -> None:
+        """Block until an entry newer than `after` (one id per ready stream)
+        arrives, or `block_ms` passes. A plain XREAD, outside the group: it
+        claims nothing, so the next fetch takes entries by priority and by
+        free slots, and a consumer that stops here holds nothing."""
         self._read = asyncio.ensure_future(
-            self.blocking_client.xreadgroup(
-                GROUP,
-                self.name,
-                dict.fromkeys(self.keys.ready_all, ">"),
+            self.blocking_client.xread(
+                dict(zip(self.keys.ready_all, after, strict=True)),
                 count=1,
                 block=block_ms,
             )
         )
         try:
-            reply = cast(list[Any], await self._read)
+            await self._read
         except asyncio.CancelledError:
-            if self._stopping:
-                return []
-            raise
+            if not self._stopping:
+                raise
         finally:
             self._read = None
-        entries: list[tuple[str, str, str]] = []
-        for stream, stream_entries in reply or []:
-            for entry_id, fields in stream_entries:
-                entries.append((stream, entry_id, fields.get("task_id", "")))
-        return entries
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, unless the consumer is stopped meanwhile."""
@@ -520,7 +492,7 @@ class Consumer:
                 self._loop_failed("renew its leases on", exc)
             # A little jitter keeps many consumers from renewing in lockstep;
             # a task due sooner than the next renewal wakes the loop earlier,
-            # and its promotion wakes the blocking read of every consumer.
+            # and its promotion wakes every consumer waiting for an entry.
             pause = interval * random.uniform(0.9, 1.0)
             if self._next_due is not None:
                 pause = min(pause, max(self._next_due - time.monotonic(), 0.001))
@@ -532,12 +504,26 @@ class Consumer:
                     await self._wake.wait()
 
     async def _maintain_once(self) -> None:
+        # Under the lock: a fetch whose started attempts are not registered yet
+        # would make them look like entries this consumer does not know of.
+        async with self._exclusive:
+            room = 0 if self._stopping else self.slots.take_free()
+            try:
+                reply = await functions.call(
+                    self.client,
+                    "maintain",
+                    [*self.keys.queue_keys, self.keys.worker(self.name)],
+                    self._maintain_args(room),
+                )
+            except BaseException:
+                self.slots.release(room)
+                raise
+            self._after_maintain(room, reply)
+
+    def _maintain_args(self, room: int) -> list[str | int]:
         held: dict[str, list[str]] = {stream: [] for stream in self.keys.ready_all}
         for attempt, _ in self.running.values():
             held[attempt.ready] += [attempt.entry, attempt.task_id]
-        for entry, (stream, task_id) in self.waiting.items():
-            held[stream] += [entry, task_id]
-        room = 0 if self._stopping else self.slots.take_free()
         lease_ms = int(self.config.lease_seconds * 1000)
         args: list[str | int] = [
             self.name,
@@ -552,16 +538,9 @@ class Consumer:
         for level in LEVELS:
             pairs = held[self.keys.ready(level)]
             args += [len(pairs) // 2, *pairs]
-        try:
-            reply = await functions.call(
-                self.client,
-                "maintain",
-                [*self.keys.queue_keys, self.keys.worker(self.name)],
-                args,
-            )
-        except BaseException:
-            self.slots.release(room)
-            raise
+        return args
+
+    def _after_maintain(self, room: int, reply: Any) -> None:
         lost, rows, cancel, next_due, now = cast(
             tuple[list[str], list[list[str]], list[str], str, int], reply
         )

@@ -86,19 +86,31 @@ async def guarded(awaitable: Awaitable[T], timeout: float = COMMAND_TIMEOUT) -> 
 
 
 async def call(
-    client: Redis, short: str, keys: Sequence[str], args: Sequence[Any]
+    client: Redis,
+    short: str,
+    keys: Sequence[str],
+    args: Sequence[Any],
+    *,
+    readonly: bool = False,
 ) -> Any:
-    """FCALL one of the library's functions; load the library and retry once if
-    the server has lost it (a restart without persistence, a failover)."""
+    """FCALL one of the library's functions (FCALL_RO for a `readonly` one);
+    load the library and retry once if the server has lost it (a restart
+    without persistence, a failover)."""
     name = function_name(short)
+
+    def send() -> Awaitable[Any]:
+        if readonly:
+            return client.fcall_ro(name, len(keys), *keys, *args)
+        return client.fcall(name, len(keys), *keys, *args)
+
     try:
-        return await guarded(client.fcall(name, len(keys), *keys, *args))
+        return await guarded(send())
     except ServerError as exc:
         if "function not found" not in str(exc).lower():
             raise
     logger.info("Redis Functions library %s missing; loading it", LIBRARY)
     await load(client)
-    return await guarded(client.fcall(name, len(keys), *keys, *args))
+    return await guarded(send())
 
 
 def translate_redis_error(exc: BaseException) -> KewError:

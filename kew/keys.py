@@ -14,6 +14,7 @@ outside it.
     <prefix>:{<q>}:stats                hash: inline projection of counts by state
     <prefix>:{<q>}:config               hash: the queue's configuration
     <prefix>:{<q>}:dlq                  stream: dead letters
+    <prefix>:{<q>}:ended                hash: ended task -> its last event id
     <prefix>:{<q>}:worker:<consumer>    string with TTL: liveness of a consumer
     <prefix>:{<q>}:finished             pub/sub channel: ids of tasks that ended
     <prefix>:{<q>}:cancel               pub/sub channel: running tasks to cancel
@@ -101,6 +102,12 @@ class QueueKeys:
         return f"{self.base}:dlq"
 
     @property
+    def ended(self) -> str:
+        """Hash: task id -> last event id of each ended task, so that its
+        history can be found after its record expired."""
+        return f"{self.base}:ended"
+
+    @property
     def finished_channel(self) -> str:
         return f"{self.base}:finished"
 
@@ -127,6 +134,7 @@ class QueueKeys:
             self.sched,
             *(self.ready(level) for level in LEVELS),
             self.dlq,
+            self.ended,
         ]
 
     @property

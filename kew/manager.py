@@ -29,7 +29,6 @@ from kew.errors import (
     QueueAlreadyExistsError,
     QueueNotFoundError,
     TaskNotFoundError,
-    WaitTimeoutError,
 )
 from kew.events.models import entry_time
 from kew.functions import guarded
@@ -43,16 +42,12 @@ from kew.keys import (
 )
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.permits import Permits, SharedCapacity, Slots
-from kew.projections import Difference, rebuild, verify
+from kew.reads import QueueHandle, Reads
 from kew.registry import Registry
 from kew.registry import registry as default_registry
 from kew.server import EmbeddedServer
 from kew.status import (
-    find_task,
-    ongoing_tasks,
     prune_consumers,
-    queue_status,
-    task_info,
 )
 from kew.submission import (
     Submission,
@@ -70,17 +65,7 @@ logger = logging.getLogger(__name__)
 _REMEMBERED_TASKS = 100_000
 
 
-class _Queue:
-    """What a manager knows of one queue."""
-
-    def __init__(self, config: QueueConfig, keys: QueueKeys) -> None:
-        self.config = config
-        self.keys = keys
-        self.consumer: Consumer | None = None
-        self.blocking_client: aioredis.Redis | None = None
-
-
-class TaskQueueManager:
+class TaskQueueManager(Reads):
     """Submit tasks to queues and run them in this process.
 
         async with TaskQueueManager() as manager:
@@ -153,7 +138,7 @@ class TaskQueueManager:
         self._server: EmbeddedServer | None = None
         self._client: aioredis.Redis | None = None
         self._waiters: Waiters | None = None
-        self._queues: dict[str, _Queue] = {}
+        self._queues: dict[str, QueueHandle] = {}
         self._task_queue: dict[str, str] = {}
         self._closed = False
 
@@ -268,7 +253,7 @@ class TaskQueueManager:
         await guarded(
             client.hset(queue_directory(self.key_prefix), config.name, encoded)
         )
-        queue = _Queue(config, keys)
+        queue = QueueHandle(config, keys)
         self._queues[config.name] = queue
         logger.info("queue %s %s", config.name, outcome)
         if self.consume:
@@ -284,14 +269,14 @@ class TaskQueueManager:
             await self._consume(queue)
         return queue.config
 
-    async def _consume(self, queue: _Queue) -> None:
+    async def _consume(self, queue: QueueHandle) -> None:
         self._start_consumer(queue)
         consumer = queue.consumer
         assert consumer is not None
         waiters = cast(Waiters, self._waiters)
         await waiters.listen(queue.keys.cancel_channel, consumer.cancel)
 
-    def _start_consumer(self, queue: _Queue) -> None:
+    def _start_consumer(self, queue: QueueHandle) -> None:
         assert self.redis_url is not None or self._server is not None
         url = self.redis_url or cast(EmbeddedServer, self._server).url
         assert url is not None
@@ -312,7 +297,7 @@ class TaskQueueManager:
         queue.consumer = consumer
         consumer.start()
 
-    async def _queue(self, name: str) -> _Queue:
+    async def _queue(self, name: str) -> QueueHandle:
         """A queue this manager runs, or one another process created."""
         queue = self._queues.get(name)
         if queue is not None:
@@ -323,7 +308,7 @@ class TaskQueueManager:
                 f"Queue {name!r} does not exist under prefix {self.key_prefix!r}: "
                 "create it first with create_queue(QueueConfig(name=...))."
             )
-        queue = _Queue(
+        queue = QueueHandle(
             QueueConfig.from_stored(json.loads(cast(str, stored))),
             QueueKeys(self.key_prefix, name),
         )
@@ -406,7 +391,9 @@ class TaskQueueManager:
             return []
         return await self._submit(queue, submissions)
 
-    async def _submit(self, queue: _Queue, batch: list[Submission]) -> list[TaskInfo]:
+    async def _submit(
+        self, queue: QueueHandle, batch: list[Submission]
+    ) -> list[TaskInfo]:
         keys = queue.keys
         argv: list[str] = [self.identity]
         for submission in batch:
@@ -447,32 +434,6 @@ class TaskQueueManager:
         if len(self._task_queue) > _REMEMBERED_TASKS:
             del self._task_queue[next(iter(self._task_queue))]
 
-    async def _find(
-        self, task_id: str, queue_name: str | None
-    ) -> tuple[str, dict[str, str]]:
-        """The queue a task is in, and its hash."""
-        remembered = self._task_queue.get(task_id)
-        if queue_name is None and remembered is not None:
-            try:
-                return await find_task(
-                    self.client, self.key_prefix, task_id, [], remembered
-                )
-            except TaskNotFoundError:
-                pass  # expired, or an id reused in another queue: search them all
-        candidates = [] if queue_name else await self._queue_names()
-        found = await find_task(
-            self.client, self.key_prefix, task_id, candidates, queue_name
-        )
-        self._remember(task_id, found[0])
-        return found
-
-    async def get_task_status(
-        self, task_id: str, *, queue_name: str | None = None
-    ) -> TaskInfo:
-        """The task's current status. Raises TaskNotFoundError."""
-        queue, fields = await self._find(task_id, queue_name)
-        return task_info(queue, task_id, fields)
-
     async def cancel_task(self, task_id: str, *, queue_name: str | None = None) -> bool:
         """Cancel a task. A queued, deferred or retry-waiting task is cancelled
         at once; a running one cooperatively: its attempt's asyncio task is
@@ -510,44 +471,6 @@ class TaskQueueManager:
                 known.consumer.cancel(task_id)
         return reply[0] != "finished"
 
-    async def wait_for_task(
-        self,
-        task_id: str,
-        timeout: float | None = None,
-        *,
-        queue_name: str | None = None,
-    ) -> TaskInfo:
-        """Wait until the task has ended and return its final status.
-
-        Blocks on a notification from the server, not a polling loop. Raises
-        WaitTimeoutError after `timeout` seconds (None waits for ever) and
-        TaskNotFoundError for an unknown task.
-        """
-        queue, fields = await self._find(task_id, queue_name)
-        info = task_info(queue, task_id, fields)
-        if info.status.finished:
-            return info
-        waiters = cast(Waiters, self._waiters)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiters.subscribe(
-                    queue, self._queues_keys(queue).finished_channel
-                )
-                while True:
-                    future = waiters.register(queue, task_id)
-                    try:
-                        info = await self.get_task_status(task_id, queue_name=queue)
-                        if info.status.finished:
-                            return info
-                        await future
-                    finally:
-                        waiters.discard(queue, task_id, future)
-        except TimeoutError:
-            raise WaitTimeoutError(
-                f"Task {task_id!r} did not end within {timeout}s (it is "
-                f"{info.status.value}); wait longer, or check its consumers."
-            ) from None
-
     def _queues_keys(self, queue: str) -> QueueKeys:
         known = self._queues.get(queue)
         return known.keys if known else QueueKeys(self.key_prefix, queue)
@@ -562,39 +485,7 @@ class TaskQueueManager:
                 return await self.get_task_status(attempt.task_id, queue_name=name)
         raise TaskNotFoundError(f"Task {attempt.task_id!r} is in no known queue.")
 
-    async def get_queue_status(self, queue_name: str) -> dict[str, Any]:
-        """Counts by state across all processes, plus this process's view.
-
-        `current_workers` is the number of this queue's tasks running in this
-        process; `processing_tasks` counts them in every process. `queued_tasks`
-        includes deferred tasks (also counted in `scheduled_tasks`).
-        `circuit_breaker_status` is closed, open or half_open; an open breaker
-        whose reset time has passed turns half_open at the next fetch.
-        """
-        queue = await self._queue(queue_name)
-        busy = queue.consumer.busy if queue.consumer else 0
-        return await queue_status(self.client, queue.keys, queue.config, busy)
-
-    async def get_ongoing_tasks(self) -> list[TaskInfo]:
-        """Tasks being processed right now, by any process, in any queue."""
-        ongoing: list[TaskInfo] = []
-        for name in await self._queue_names():
-            ongoing += await ongoing_tasks(
-                self.client, QueueKeys(self.key_prefix, name)
-            )
-        return ongoing
-
     # -- dead letters ----------------------------------------------------
-
-    async def dead_letters(self, queue_name: str) -> list[dict[str, str]]:
-        """The queue's dead letters, oldest first: each with its stream `id`,
-        `task_id`, `deliveries`, `previous` (the last consumer) and `reason`."""
-        queue = await self._queue(queue_name)
-        entries = cast(
-            list[tuple[str, dict[str, str]]],
-            await guarded(self.client.xrange(queue.keys.dlq)),
-        )
-        return [{"id": entry_id, **fields} for entry_id, fields in entries]
 
     async def requeue_dead_letters(self, queue_name: str, limit: int = 1000) -> int:
         """Send dead-lettered tasks back to the queue as new attempts; returns
@@ -617,22 +508,3 @@ class TaskQueueManager:
                 queue_name,
             )
         return int(requeued)
-
-    # -- projections -----------------------------------------------------
-
-    async def verify_projections(self, queue_name: str) -> list[Difference]:
-        """Compare the queue's stored projections with a fold of its log; an
-        empty list means they agree."""
-        queue = await self._queue(queue_name)
-        return await verify(self.client, queue.keys)
-
-    async def rebuild_projections(self, queue_name: str) -> int:
-        """Rewrite the queue's projections from its log; returns the number of
-        events folded. Run it while the queue is quiet."""
-        queue = await self._queue(queue_name)
-        folded = await rebuild(
-            self.client, queue.keys, expiry_seconds=self.task_expiry_seconds
-        )
-        return folded.events
-
-    # -- housekeeping ----------------------------------------------------

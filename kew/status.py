@@ -16,12 +16,23 @@ import redis.asyncio as aioredis
 
 from kew import functions
 from kew.errors import ConfigurationError, ServerError, TaskNotFoundError
-from kew.events.models import entry_time
+from kew.events.codec import decode
+from kew.events.models import Event, entry_time
 from kew.functions import guarded
 from kew.keys import GROUP, QueueKeys
 from kew.models import QueueConfig, QueuePriority, TaskInfo, TaskStatus
+from kew.projections.rebuild import QueueFold
 
-__all__ = ["find_task", "ongoing_tasks", "prune_consumers", "queue_status", "task_info"]
+__all__ = [
+    "find_task",
+    "history",
+    "locate_task",
+    "ongoing_tasks",
+    "prune_consumers",
+    "queue_status",
+    "queue_status_as_of",
+    "task_info",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +101,74 @@ async def find_task(
             f"{', '.join(n for n, _ in found)}; pass queue_name= to choose one."
         )
     return found[0]
+
+
+async def locate_task(
+    client: aioredis.Redis, prefix: str, task_id: str, candidates: list[str]
+) -> str | None:
+    """The queue that has a record of the task, or an ended-task index entry
+    for it (the record may have expired), or None."""
+    async with client.pipeline(transaction=False) as pipe:
+        for name in candidates:
+            keys = QueueKeys(prefix, name)
+            pipe.exists(keys.task(task_id))
+            pipe.hexists(keys.ended, task_id)
+        replies = cast(list[int], await guarded(pipe.execute()))
+    for i, name in enumerate(candidates):
+        if replies[2 * i] or replies[2 * i + 1]:
+            return name
+    return None
+
+
+async def history(
+    client: aioredis.Redis, keys: QueueKeys, task_id: str, limit: int
+) -> list[Event]:
+    """A task's events, oldest first (see the `history` function)."""
+    reply = cast(
+        list[tuple[str, list[str]]],
+        await functions.call(
+            client,
+            "history",
+            [keys.log, keys.task(task_id), keys.ended],
+            [task_id, limit],
+            readonly=True,
+        ),
+    )
+    events = [
+        decode(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        for entry_id, flat in reply
+    ]
+    events.reverse()
+    return events
+
+
+def queue_status_as_of(
+    folded: QueueFold, config: QueueConfig, at: datetime
+) -> dict[str, Any]:
+    """The queue as a fold of its log up to an instant says it was."""
+    count = folded.stats
+    breaker = folded.breaker
+    until = breaker.until if breaker else 0
+    running = sorted(
+        t.task_id for t in folded.tasks.values() if t.state == "processing"
+    )
+    return {
+        "name": config.name,
+        "as_of": at,
+        "max_workers": config.max_workers,
+        "queued_tasks": count.get("queued", 0) + count.get("scheduled", 0),
+        "scheduled_tasks": count.get("scheduled", 0),
+        "processing_tasks": count.get("processing", 0),
+        "retry_tasks": count.get("retry", 0),
+        "completed_tasks": count.get("completed", 0),
+        "failed_tasks": count.get("failed", 0),
+        "cancelled_tasks": count.get("cancelled", 0),
+        "running_tasks": running,
+        "circuit_breaker_status": breaker.state if breaker else "closed",
+        "circuit_breaker_failures": breaker.failures if breaker else 0,
+        "circuit_breaker_open_until": entry_time(f"{until}-0") if until else None,
+        "events": folded.events,
+    }
 
 
 async def queue_status(

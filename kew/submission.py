@@ -319,7 +319,14 @@ def check_submit_reply(reply: list[str], queue_name: str) -> None:
     status = reply[0]
     if status == "ok":
         return
-    if status in ("exists", "duplicate"):
+    if status == "duplicate":
+        ids = list(dict.fromkeys(reply[1:]))
+        raise TaskAlreadyExistsError(
+            f"Task {', '.join(repr(i) for i in ids)} appears more than once in the "
+            "batch; give each task of a batch its own id.",
+            ids,
+        )
+    if status == "exists":
         ids = reply[1:]
         raise TaskAlreadyExistsError(
             f"Task {', '.join(repr(i) for i in ids)} already exists in queue "

@@ -26,7 +26,8 @@ Invariants every function keeps:
   deterministic for a given input.
 
 Every function takes the queue's keys first, in this order (see `queue`):
-log, stats, config, breaker, sched, ready:high, ready:medium, ready:low, dlq.
+log, stats, config, breaker, sched, ready:high, ready:medium, ready:low, dlq,
+ended.
 
 The Python mirror of what these functions write is kew/projections/.
 ]]
@@ -36,12 +37,13 @@ local GROUP = '__GROUP__'
 local IDLE_NOW = '1000000000'
 local LEVELS = {'high', 'medium', 'low'}
 local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
-local QUEUE_KEYS = 9
+local QUEUE_KEYS = 10
 
 local function queue(keys)
   return {
     log = keys[1], stats = keys[2], config = keys[3], breaker = keys[4],
     sched = keys[5], ready = {keys[6], keys[7], keys[8]}, dlq = keys[9],
+    ended = keys[10],
   }
 end
 
@@ -148,9 +150,13 @@ local function enqueue(ready, task_id, tp)
   return redis.call('XADD', ready, '*', 'task_id', task_id)
 end
 
--- The end of a task: its record expires `expiry` seconds from now, and
--- whoever waits for it is told.
-local function ended(task, task_id, expiry, channel)
-  redis.call('EXPIRE', task, expiry)
+-- The end of a task: its record expires `expiry` seconds from now (unless
+-- `expiry` is false: a dead letter waits to be requeued), its last event is
+-- indexed so its history outlives the record, and whoever waits is told.
+local function ended(Q, task, task_id, last_event, expiry, channel)
+  if expiry then
+    redis.call('EXPIRE', task, expiry)
+  end
+  redis.call('HSET', Q.ended, task_id, last_event)
   redis.call('PUBLISH', channel, task_id)
 end

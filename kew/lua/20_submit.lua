@@ -32,7 +32,7 @@ local function submit(keys, args)
     end
   end
   if #repeated > 1 then
-    return repeated
+    return repeated  -- an id given twice in one batch
   end
   if #existing > 1 then
     return existing

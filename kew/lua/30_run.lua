@@ -41,11 +41,11 @@ end
 local function task_fields(task)
   local t = redis.call('HMGET', task, 'state', 'version', 'last_event',
     'attempt', 'name', 'args', 'owner', 'tp', 'trial', 'cancel_requested',
-    'timeout_ms')
+    'timeout_ms', 'entry')
   return {
     state = t[1], version = tonumber(t[2]), last_event = t[3], attempt = t[4],
     name = t[5], args = t[6], owner = t[7], tp = t[8], trial = t[9] == '1',
-    cancel_requested = t[10] == '1', timeout_ms = t[11] or '0',
+    cancel_requested = t[10] == '1', timeout_ms = t[11] or '0', entry = t[12],
   }
 end
 
@@ -62,11 +62,12 @@ local function cancelled_unrun(Q, cfg, task, task_id, t, actor, now, expiry,
   if t.trial then
     breaker_outcome(Q, cfg, actor, now, 'released', false, true)
   end
-  ended(task, task_id, expiry, channel)
+  ended(Q, task, task_id, eid, expiry, channel)
 end
 
 --[[
 Start one attempt of the task behind a ready entry this consumer now holds.
+Called for entries read by `fetch` and taken over by `maintain`.
 
 `reclaim` is nil for a fresh delivery, or {previous owner, idle ms} when the
 entry was taken over from a consumer that stopped renewing it. `gate` is the
@@ -89,6 +90,10 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
     cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, env.expiry,
       env.channel)
     return {'skipped', task_id, entry_id, 'task was cancelled'}
+  end
+  if t.state == 'processing' and t.entry == entry_id and not reclaiming then
+    -- This very entry is the task's running attempt: never drop it.
+    return {'skipped', task_id, entry_id, 'its attempt is running'}
   end
   if t.state ~= 'queued' and not reclaiming then
     drop_entry(ready, entry_id)
@@ -143,6 +148,18 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
     t.tp or '', ready, t.timeout_ms}
 end
 
+-- The newest entry id of each ready stream: a consumer that found nothing
+-- waits (XREAD BLOCK, outside any group, claiming nothing) for entries after
+-- these, so an entry added after this call is never missed.
+local function last_ids(Q)
+  local ids = {}
+  for level = 1, 3 do
+    local newest = redis.call('XREVRANGE', Q.ready[level], '+', '-', 'COUNT', 1)[1]
+    ids[level] = newest and newest[1] or '0-0'
+  end
+  return ids
+end
+
 -- The quotas per level (weighted order) then the rest in strict order.
 local function read_plan(args, from, count)
   local plan = {}
@@ -164,8 +181,8 @@ the caller has free permits and the breaker allows.
 KEYS: the queue's keys
 ARGV: consumer, count, task key prefix, expiry seconds, finished channel,
       then optionally three quotas (high, medium, low) for a weighted order
-Returns {rows, next due time or '', gate, server time} where gate is ''
-(closed), 'open:<until ms>' or 'half_open'.
+Returns {rows, next due time or '', gate, server time, newest entry ids}
+where gate is '' (closed), 'open:<until ms>' or 'half_open'.
 ]]
 local function fetch(keys, args)
   local Q = queue(keys)
@@ -176,7 +193,7 @@ local function fetch(keys, args)
   local next_due = promote(Q, task_prefix, env.consumer, env.now, 100)
   local gate = breaker_gate(Q, cfg, env.consumer, env.now)
   if gate.open then
-    return {{}, next_due, 'open:' .. gate.until_ms, env.now}
+    return {{}, next_due, 'open:' .. gate.until_ms, env.now, last_ids(Q)}
   end
   local label = ''
   if gate.half_open then
@@ -206,28 +223,7 @@ local function fetch(keys, args)
       end
     end
   end
-  return {rows, next_due, label, env.now}
-end
-
---[[
-start: start entries this consumer received from a blocking read.
-KEYS: the queue's keys, then per entry: task hash
-ARGV: consumer, expiry seconds, finished channel, then per entry:
-      entry id, task id, level (1-3)
-]]
-local function start(keys, args)
-  local Q = queue(keys)
-  local cfg = settings(Q)
-  local env = {consumer = args[1], now = now_ms(), expiry = args[2],
-    channel = args[3]}
-  local gate = breaker_gate(Q, cfg, env.consumer, env.now)
-  local rows = {}
-  for i = 1, #keys - QUEUE_KEYS do
-    local base = 3 + (i - 1) * 3
-    rows[#rows + 1] = start_entry(Q, cfg, env, Q.ready[tonumber(args[base + 3])],
-      keys[QUEUE_KEYS + i], args[base + 2], args[base + 1], nil, gate)
-  end
-  return rows
+  return {rows, next_due, label, env.now, last_ids(Q)}
 end
 
 local FINISH_ARGS = 9
@@ -329,7 +325,7 @@ local function finish(keys, args)
       move(Q.stats, 'processing', state)
       if not retry then
         redis.call('HSET', task, 'finished_at', ms_of(eid))
-        ended(task, task_id, expiry, channel)
+        ended(Q, task, task_id, eid, expiry, channel)
       end
       rows[#rows + 1] = {'ok', eid, state, due or ''}
     end

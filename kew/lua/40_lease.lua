@@ -32,7 +32,7 @@ local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
   redis.call('HDEL', task, 'trial', 'cancel_requested')
   move(Q.stats, t.state, 'failed')
   breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial)
-  redis.call('PUBLISH', env.channel, task_id)
+  ended(Q, task, task_id, eid, false, env.channel)
 end
 
 --[[

@@ -40,7 +40,7 @@ local function cancel(keys, args)
     'last_event', eid, 'finished_at', ms_of(eid))
   redis.call('HDEL', task, 'due_at')
   move(Q.stats, t.state, 'cancelled')
-  ended(task, task_id, args[3], args[4])
+  ended(Q, task, task_id, eid, args[3], args[4])
   return {'cancelled'}
 end
 
@@ -72,6 +72,7 @@ local function requeue(keys, args)
         'last_event', eid)
       redis.call('HDEL', task, 'dead_letter', 'finished_at')
       redis.call('PERSIST', task)
+      redis.call('HDEL', Q.ended, task_id)
       move(Q.stats, 'failed', 'queued')
       requeued = requeued + 1
     else

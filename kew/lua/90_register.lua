@@ -1,6 +1,5 @@
 redis.register_function('__LIB___submit', submit)
 redis.register_function('__LIB___fetch', fetch)
-redis.register_function('__LIB___start', start)
 redis.register_function('__LIB___finish', finish)
 redis.register_function('__LIB___maintain', maintain)
 redis.register_function('__LIB___release', release)
@@ -8,3 +7,6 @@ redis.register_function('__LIB___cancel', cancel)
 redis.register_function('__LIB___create_queue', create_queue)
 redis.register_function('__LIB___prune', prune)
 redis.register_function('__LIB___requeue', requeue)
+redis.register_function{
+  function_name = '__LIB___history', callback = history, flags = {'no-writes'},
+}

@@ -59,6 +59,11 @@ class QueueFold:
     breaker: BreakerState | None
     events: int
 
+    @property
+    def ended(self) -> dict[str, str]:
+        """The index of ended tasks: task id -> its last event id."""
+        return {t.task_id: t.last_event for t in self.tasks.values() if t.finished}
+
 
 def fold_events(events: Iterable[Event]) -> QueueFold:
     """Fold events, in log order, into every projection of their queue."""
@@ -123,6 +128,15 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
             Difference("breaker", fields, stored_breaker, expected_breaker)
         )
 
+    stored_ended = cast(dict[str, str], await client.hgetall(keys.ended))
+    fields = sorted(
+        name
+        for name in set(stored_ended) | set(folded.ended)
+        if stored_ended.get(name) != folded.ended.get(name)
+    )
+    if fields:
+        differences.append(Difference("ended", fields, stored_ended, folded.ended))
+
     stored_stats = cast(dict[str, str], await client.hgetall(keys.stats))
     fields = same_stats(stored_stats, folded.stats)
     if fields:
@@ -160,7 +174,9 @@ async def rebuild(
                     pipe.hset(key, mapping=_mapping(state.to_hash()))
             await pipe.execute()
     async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.stats, keys.breaker)
+        pipe.delete(keys.stats, keys.breaker, keys.ended)
+        if folded.ended:
+            pipe.hset(keys.ended, mapping=_mapping(folded.ended))
         if folded.stats:
             pipe.hset(keys.stats, mapping=_mapping(folded.stats))
         if folded.breaker is not None:

@@ -1,0 +1,250 @@
+"""The read side of TaskQueueManager: status (now or as of an instant),
+history, waiting for a task, queue status, dead letters, projections.
+
+A mixin: TaskQueueManager inherits it, and provides the connection and the
+queues it declares below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import redis.asyncio as aioredis
+
+from kew.errors import ConfigurationError, TaskNotFoundError, WaitTimeoutError
+from kew.events.models import Event
+from kew.functions import guarded
+from kew.keys import QueueKeys
+from kew.models import QueueConfig, TaskInfo
+from kew.projections import Difference, apply, fold_queue, rebuild, verify
+from kew.status import (
+    find_task,
+    history,
+    locate_task,
+    ongoing_tasks,
+    queue_status,
+    queue_status_as_of,
+    task_info,
+)
+from kew.waiters import Waiters
+
+if TYPE_CHECKING:
+    from kew.consumer import Consumer
+
+__all__ = ["Reads"]
+
+
+class QueueHandle:
+    """What a manager knows of one queue."""
+
+    def __init__(self, config: QueueConfig, keys: QueueKeys) -> None:
+        self.config = config
+        self.keys = keys
+        self.consumer: Consumer | None = None
+        self.blocking_client: aioredis.Redis | None = None
+
+
+class Reads:
+    """Status, history and waiting; see TaskQueueManager."""
+
+    key_prefix: str
+    task_expiry_seconds: int
+    _task_queue: dict[str, str]
+    _waiters: Waiters | None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        raise NotImplementedError
+
+    async def _queue(self, name: str) -> QueueHandle:
+        raise NotImplementedError
+
+    async def _queue_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _queues_keys(self, queue: str) -> QueueKeys:
+        raise NotImplementedError
+
+    def _remember(self, task_id: str, queue_name: str) -> None:
+        raise NotImplementedError
+
+    async def _find(
+        self, task_id: str, queue_name: str | None
+    ) -> tuple[str, dict[str, str]]:
+        """The queue a task is in, and its hash."""
+        remembered = self._task_queue.get(task_id)
+        if queue_name is None and remembered is not None:
+            try:
+                return await find_task(
+                    self.client, self.key_prefix, task_id, [], remembered
+                )
+            except TaskNotFoundError:
+                pass  # expired, or an id reused in another queue: search them all
+        candidates = [] if queue_name else await self._queue_names()
+        found = await find_task(
+            self.client, self.key_prefix, task_id, candidates, queue_name
+        )
+        self._remember(task_id, found[0])
+        return found
+
+    async def get_task_status(
+        self,
+        task_id: str,
+        *,
+        queue_name: str | None = None,
+        as_of: datetime | None = None,
+    ) -> TaskInfo:
+        """The task's current status, or, with `as_of` (an aware datetime), its
+        status at that instant, folded from its events. Raises
+        TaskNotFoundError (also for an instant before it was submitted)."""
+        if as_of is None:
+            queue, fields = await self._find(task_id, queue_name)
+            return task_info(queue, task_id, fields)
+        at_ms = _instant_ms(as_of)
+        queue, events = await self._history(task_id, queue_name)
+        state = None
+        for event in events:
+            if event.ms <= at_ms:
+                state = apply(state, event)
+        if state is None:
+            raise TaskNotFoundError(
+                f"Task {task_id!r} had not been submitted yet at {as_of.isoformat()}."
+            )
+        return task_info(queue, task_id, state.to_hash())
+
+    async def get_task_history(
+        self, task_id: str, *, queue_name: str | None = None, limit: int = 10_000
+    ) -> list[Event]:
+        """The task's events, oldest first, as typed models (time, type,
+        attempt, actor, error, trace id...). Also after the task's record has
+        expired, as long as the log still holds the events."""
+        _, events = await self._history(task_id, queue_name, limit)
+        return events
+
+    async def _history(
+        self, task_id: str, queue_name: str | None, limit: int = 10_000
+    ) -> tuple[str, list[Event]]:
+        queue = queue_name or self._task_queue.get(task_id)
+        if queue is None:
+            queue = await locate_task(
+                self.client, self.key_prefix, task_id, await self._queue_names()
+            )
+        events = (
+            await history(self.client, self._queues_keys(queue), task_id, limit)
+            if queue is not None
+            else []
+        )
+        if queue is None or not events:
+            raise TaskNotFoundError(
+                f"No history of task {task_id!r} under prefix {self.key_prefix!r}: "
+                "it was never submitted, or its events were trimmed from the log."
+            )
+        return queue, events
+
+    async def wait_for_task(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        queue_name: str | None = None,
+    ) -> TaskInfo:
+        """Wait until the task has ended and return its final status.
+
+        Blocks on a notification from the server, not a polling loop. Raises
+        WaitTimeoutError after `timeout` seconds (None waits for ever) and
+        TaskNotFoundError for an unknown task.
+        """
+        queue, fields = await self._find(task_id, queue_name)
+        info = task_info(queue, task_id, fields)
+        if info.status.finished:
+            return info
+        waiters = cast(Waiters, self._waiters)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiters.subscribe(
+                    queue, self._queues_keys(queue).finished_channel
+                )
+                while True:
+                    future = waiters.register(queue, task_id)
+                    try:
+                        info = await self.get_task_status(task_id, queue_name=queue)
+                        if info.status.finished:
+                            return info
+                        await future
+                    finally:
+                        waiters.discard(queue, task_id, future)
+        except TimeoutError:
+            raise WaitTimeoutError(
+                f"Task {task_id!r} did not end within {timeout}s (it is "
+                f"{info.status.value}); wait longer, or check its consumers."
+            ) from None
+
+    async def get_queue_status(
+        self, queue_name: str, *, as_of: datetime | None = None
+    ) -> dict[str, Any]:
+        """Counts by state across all processes, plus this process's view.
+
+        `current_workers` is the number of this queue's tasks running in this
+        process; `processing_tasks` counts them in every process. `queued_tasks`
+        includes deferred tasks (also counted in `scheduled_tasks`).
+        `circuit_breaker_status` is closed, open or half_open; an open breaker
+        whose reset time has passed turns half_open at the next fetch.
+
+        With `as_of` (an aware datetime), the queue as its log says it was then:
+        counts by state, the tasks running (`running_tasks`) and the breaker.
+        """
+        queue = await self._queue(queue_name)
+        if as_of is not None:
+            folded = await fold_queue(
+                self.client, queue.keys, end=str(_instant_ms(as_of))
+            )
+            return queue_status_as_of(folded, queue.config, as_of)
+        busy = queue.consumer.busy if queue.consumer else 0
+        return await queue_status(self.client, queue.keys, queue.config, busy)
+
+    async def get_ongoing_tasks(self) -> list[TaskInfo]:
+        """Tasks being processed right now, by any process, in any queue."""
+        ongoing: list[TaskInfo] = []
+        for name in await self._queue_names():
+            ongoing += await ongoing_tasks(
+                self.client, QueueKeys(self.key_prefix, name)
+            )
+        return ongoing
+
+    # -- dead letters and projections -------------------------------------
+
+    async def dead_letters(self, queue_name: str) -> list[dict[str, str]]:
+        """The queue's dead letters, oldest first: each with its stream `id`,
+        `task_id`, `deliveries`, `previous` (the last consumer) and `reason`."""
+        queue = await self._queue(queue_name)
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            await guarded(self.client.xrange(queue.keys.dlq)),
+        )
+        return [{"id": entry_id, **fields} for entry_id, fields in entries]
+
+    async def verify_projections(self, queue_name: str) -> list[Difference]:
+        """Compare the queue's stored projections with a fold of its log; an
+        empty list means they agree."""
+        queue = await self._queue(queue_name)
+        return await verify(self.client, queue.keys)
+
+    async def rebuild_projections(self, queue_name: str) -> int:
+        """Rewrite the queue's projections from its log; returns the number of
+        events folded. Run it while the queue is quiet."""
+        queue = await self._queue(queue_name)
+        folded = await rebuild(
+            self.client, queue.keys, expiry_seconds=self.task_expiry_seconds
+        )
+        return folded.events
+
+
+def _instant_ms(at: datetime) -> int:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ConfigurationError(
+            f"as_of={at!r} has no time zone, so the instant it means is ambiguous: "
+            "pass an aware datetime, e.g. datetime(2030, 1, 1, 3, 14, tzinfo=UTC)."
+        )
+    return int(at.timestamp() * 1000)
