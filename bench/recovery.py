@@ -1,0 +1,111 @@
+"""Recovery time after SIGKILL, with default settings.
+
+A worker process (`kew worker`) starts a long task; it is SIGKILLed; a surviving
+consumer (this process) takes the task over. Recovery time = the server time of
+the second attempt's task.started event minus the moment of the kill (same
+machine, same clock). Repeated N times; prints each time and the median.
+
+    .venv/bin/python bench/recovery.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from kew import QueueConfig, TaskQueueManager
+from kew.events.log import read
+from kew.keys import QueueKeys
+from kew.server import EmbeddedServer
+
+TASKS = textwrap.dedent(
+    """\
+    import asyncio
+    import kew
+
+    @kew.task(name="bench.long")
+    async def long() -> str:
+        await asyncio.sleep(3600)
+        return "never"
+    """
+)
+
+
+async def quick() -> str:
+    return "taken over"
+
+
+async def one_run(url: str, prefix: str, workdir: Path) -> float:
+    env = {**os.environ, "KEW_REDIS_URL": url}
+    async with TaskQueueManager(redis_url=url, key_prefix=prefix) as manager:
+        manager.registry = type(manager.registry)()
+        manager.registry.register(quick, "bench.long")
+        await manager.create_queue(QueueConfig(name="q", max_workers=1))  # defaults
+        # This process's consumer must not take the task first: fill its slot.
+        blocker = asyncio.Event()
+
+        async def hold() -> None:
+            await blocker.wait()
+
+        await manager.submit_task("hold", "q", hold)
+        await _wait_started(manager, "hold")
+        command = [sys.executable, "-m", "kew", "--prefix", prefix, "worker"]
+        worker = subprocess.Popen(
+            [*command, "-q", "q", "-i", "bench_tasks"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert worker.stdout is not None
+            await asyncio.to_thread(worker.stdout.readline)
+            await manager.submit_task("victim", "q", "bench.long")
+            await _wait_started(manager, "victim")
+            blocker.set()  # free this consumer's slot for the takeover
+            killed = time.time()
+            worker.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(worker.wait)
+            await manager.wait_for_task("victim", timeout=30)
+        finally:
+            worker.kill()
+            worker.wait()
+        keys = QueueKeys(prefix, "q")
+        starts = [
+            e
+            async for e in read(manager.client, keys.log)
+            if e.task_id == "victim" and e.type == "task.started"
+        ]
+        return starts[-1].ms / 1000 - killed
+
+
+async def _wait_started(manager: TaskQueueManager, task_id: str) -> None:
+    while (await manager.get_task_status(task_id)).status.value != "processing":
+        await asyncio.sleep(0.005)
+
+
+async def main(runs: int) -> None:
+    with EmbeddedServer() as server, tempfile.TemporaryDirectory() as tmp:
+        assert server.url is not None
+        (Path(tmp) / "bench_tasks.py").write_text(TASKS)
+        times = []
+        for n in range(runs):
+            seconds = await one_run(server.url, f"recovery{n}", Path(tmp))
+            times.append(seconds)
+            print(f"run {n + 1}: recovered {seconds:.3f}s after SIGKILL")
+    print(
+        f"median {statistics.median(times):.3f}s, max {max(times):.3f}s over {runs} "
+        "runs (default lease 2.0s, renewed and swept every third of it)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
