@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
+
+import pydantic_core
 
 from kew.events.models import ENVELOPE, EVENT_TYPES, Event
 
@@ -24,24 +26,19 @@ UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 version's. Every event type is at version 1 so far, so the table is empty; a
 change to an event's fields adds an entry here and bumps the model's VERSION."""
 
-_INTS = ("v", "attempt")
-
 
 def decode(entry_id: str, fields: Mapping[str, str]) -> Event:
     """Turn one log entry into its event model."""
-    raw: dict[str, Any] = {"id": entry_id}
-    for name in ENVELOPE:
-        value = fields.get(name)
-        if value is not None and value != "":
-            raw[name] = int(value) if name in _INTS else value
     data = fields.get("data")
-    if data:
-        payload = json.loads(data)
-        if isinstance(payload, dict):
-            for key, value in payload.items():  # pyright: ignore[reportUnknownVariableType]
-                raw.setdefault(str(key), value)  # pyright: ignore[reportUnknownArgumentType]
+    parsed: object = pydantic_core.from_json(data) if data else None
+    raw: dict[str, Any] = (
+        cast(dict[str, Any], parsed) if isinstance(parsed, dict) else {}
+    )
+    raw.update(fields)  # the envelope's fields win over data's; "data" is ignored
+    raw["id"] = entry_id
     model = EVENT_TYPES.get(str(raw.get("type", "")), Event)
-    raw = _upcast(raw, model)
+    if int(raw.get("v", 1)) < model.VERSION:
+        raw = _upcast(raw, model)
     return model.model_validate(raw)
 
 

@@ -8,7 +8,8 @@ A log entry's fields are flat, so `XRANGE` shows them plainly:
     prev      this task's previous event id: the per-task chain
     attempt   the attempt it concerns, numbered from 1 (0 before the first)
     actor     who wrote it: the submitter or the consumer's name
-    tp        the W3C traceparent of the task's creation context
+    tp        the W3C traceparent of the task's creation context, maybe
+              followed by ";link" (see kew/telemetry.py)
     data      everything else, as a JSON object
 
 In Python an event is one pydantic model per type, with the envelope and the
@@ -93,10 +94,13 @@ class Event(BaseModel):
 
     @property
     def trace_id(self) -> str | None:
-        """The trace id in `tp`, the key to this task's trace in Jaeger."""
+        """The trace id in `tp`, the key to this task's trace in Jaeger. With
+        `trace_links_only` it is the submitter's trace, which the attempts
+        link to."""
         if not self.tp:
             return None
-        parts = self.tp.split("-")
+        # `tp` is a W3C traceparent, maybe followed by a mark such as ";link".
+        parts = self.tp.partition(";")[0].split("-")
         return parts[1] if len(parts) == 4 else None
 
 

@@ -83,6 +83,36 @@ local function requeue(keys, args)
 end
 
 --[[
+restore: rewrite task hashes from a rebuild, many per call (the writing half
+of rebuild_projections; the folding half runs in Python).
+KEYS: the queue's keys, then per task: task hash
+ARGV: per task: ttl ms (-1: delete it, 0: no expiry), field count n, then n
+      field/value pairs
+Returns how many hashes were written.
+]]
+local function restore(keys, args)
+  local pos, written = 1, 0
+  for i = QUEUE_KEYS + 1, #keys do
+    local task = keys[i]
+    local ttl, n = tonumber(args[pos]), tonumber(args[pos + 1])
+    redis.call('DEL', task)
+    if ttl >= 0 then
+      local cmd = {'HSET', task}
+      for j = 1, 2 * n do
+        cmd[#cmd + 1] = args[pos + 1 + j]
+      end
+      redis.call(unpack(cmd))
+      if ttl > 0 then
+        redis.call('PEXPIRE', task, ttl)
+      end
+      written = written + 1
+    end
+    pos = pos + 2 + 2 * n
+  end
+  return written
+end
+
+--[[
 create_queue: make the ready streams and their group, store the configuration.
 KEYS: the queue's keys
 ARGV: actor, configuration JSON, then field/value pairs for the config hash

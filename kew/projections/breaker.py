@@ -24,7 +24,7 @@ from kew.events.models import (
 )
 from kew.projections.task import TaskState
 
-__all__ = ["BreakerState", "apply_breaker"]
+__all__ = ["BREAKER_EVENTS", "BreakerState", "apply_breaker"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,6 +38,22 @@ class BreakerState:
 
     def to_hash(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+BREAKER_EVENTS: frozenset[type[Event]] = frozenset(
+    {
+        BreakerOpened,
+        BreakerHalfOpened,
+        BreakerClosed,
+        TaskSucceeded,
+        TaskFailed,
+        TaskDeadLettered,
+        TaskStarted,
+        TaskCancelled,
+        TaskInterrupted,
+    }
+)
+"""The event types that can change the breaker; a fold skips the others."""
 
 
 def apply_breaker(
@@ -79,7 +95,7 @@ def _step(b: BreakerState, event: Event, task: TaskState | None) -> BreakerState
             last_event=event.id,
         )
     if isinstance(event, TaskSucceeded):
-        return replace(b, failures=0)
+        return replace(b, failures=0) if b.failures else b
     if (isinstance(event, TaskFailed) and not event.retry) or isinstance(
         event, TaskDeadLettered
     ):

@@ -43,7 +43,7 @@ def dump_json(value: Any) -> str:
     return pydantic_core.to_json(value).decode()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class TaskState:
     task_id: str
     state: str
@@ -80,9 +80,9 @@ class TaskState:
     def to_hash(self) -> dict[str, str]:
         """The fields of the task hash, as the Lua library writes them."""
         return {
-            f.name: str(value)
-            for f in dataclasses.fields(self)
-            if f.name != "task_id" and (value := getattr(self, f.name)) is not None
+            name: str(value)
+            for name in _HASH_FIELDS
+            if (value := getattr(self, name)) is not None
         }
 
     @classmethod
@@ -120,94 +120,117 @@ class TaskState:
 
 
 def apply(state: TaskState | None, event: Event) -> TaskState | None:
-    """Fold one event into a task's state. Events of other tasks, and types this
-    projection does not follow, leave the state as it was."""
+    """Fold one event into a task's state, purely: `state` is left as it was
+    and a new state is returned. Events of other tasks, and types this
+    projection does not follow, return the state unchanged."""
     if not isinstance(event, TaskEvent):
         return state
     if isinstance(event, TaskSubmitted):
-        return TaskState(
-            task_id=event.task_id,
-            state="scheduled" if event.due_at is not None else "queued",
-            version=1,
-            last_event=event.id,
-            name=event.name,
-            task_type=event.task_type,
-            priority=event.priority,
-            args=dump_json({"args": event.args, "kwargs": event.kwargs}),
-            attempt=0,
-            submitted_at=event.ms,
-            max_retries=event.max_retries,
-            retry_delay_ms=event.retry_delay_ms,
-            timeout_ms=event.timeout_ms or None,
-            tp=event.tp,
-            due_at=event.due_at,
-        )
+        return submitted(event)
     if state is None or state.task_id != event.task_id:
         return state
-    step = dataclasses.replace(state, version=state.version + 1, last_event=event.id)
-    return _transition(step, event)
+    after = _copy(state)
+    advance(after, event)
+    return after
 
 
-def _transition(step: TaskState, event: TaskEvent) -> TaskState:
-    """The fields an event changes, besides version and last_event."""
-    replace = dataclasses.replace
-    ended = {"finished_at": event.ms, "trial": None, "cancel_requested": None}
+def submitted(event: TaskSubmitted) -> TaskState:
+    """The state a task.submitted event creates."""
+    return TaskState(
+        task_id=event.task_id,
+        state="scheduled" if event.due_at is not None else "queued",
+        version=1,
+        last_event=event.id,
+        name=event.name,
+        task_type=event.task_type,
+        priority=event.priority,
+        args=dump_json({"args": event.args, "kwargs": event.kwargs}),
+        attempt=0,
+        submitted_at=event.ms,
+        max_retries=event.max_retries,
+        retry_delay_ms=event.retry_delay_ms,
+        timeout_ms=event.timeout_ms or None,
+        tp=event.tp,
+        due_at=event.due_at,
+    )
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TaskState))
+_HASH_FIELDS = tuple(name for name in _FIELDS if name != "task_id")
+
+
+def _copy(state: TaskState) -> TaskState:
+    copy = object.__new__(TaskState)
+    for name in _FIELDS:
+        object.__setattr__(copy, name, getattr(state, name))
+    return copy
+
+
+def advance(s: TaskState, event: TaskEvent) -> None:
+    """Apply a later event of the same task to `s`, in place (the one copy of
+    the transition rules; `apply` wraps it purely, a rebuild uses it as is)."""
+    s.version += 1
+    s.last_event = event.id
     if isinstance(event, TaskStarted):
-        return replace(
-            step,
-            state="processing",
-            attempt=event.attempt,
-            owner=event.actor,
-            entry=event.entry,
-            started_at=event.ms,
-            trial="1" if event.trial else step.trial,
-        )
-    if isinstance(event, TaskEnqueued):
-        return replace(step, state="queued", due_at=None)
-    if isinstance(event, TaskSucceeded):
-        return replace(
-            step,
-            state="completed",
-            result=dump_json(event.result),
-            error=None,
-            **ended,
-        )
-    if isinstance(event, TaskFailed):
-        if event.retry:
-            return replace(step, error=event.error, trial=None, cancel_requested=None)
-        return replace(step, state="failed", error=event.error, **ended)
-    if isinstance(event, TaskRetryScheduled):
-        return replace(step, state="retry", due_at=event.due_at)
-    if isinstance(event, TaskCancelRequested):
-        return replace(step, cancel_requested="1")
-    if isinstance(event, TaskCancelled):
-        return replace(step, state="cancelled", due_at=None, **ended)
-    if isinstance(event, TaskDeadLettered):
-        return replace(
-            step,
-            state="failed",
-            error=event.reason,
-            dead_letter=event.dead_letter,
-            **ended,
-        )
-    if isinstance(event, TaskRequeued):
-        return replace(step, state="queued", dead_letter=None, finished_at=None)
-    if isinstance(event, TaskInterrupted):
-        return replace(step, state="queued", trial=None)
-    if isinstance(event, TaskReleased):
-        return replace(step, state="queued")
-    return step  # task.reclaimed, and types added later
+        s.state = "processing"
+        s.attempt = event.attempt
+        s.owner = event.actor
+        s.entry = event.entry
+        s.started_at = event.ms
+        if event.trial:
+            s.trial = "1"
+    elif isinstance(event, TaskEnqueued):
+        s.state = "queued"
+        s.due_at = None
+    elif isinstance(event, TaskSucceeded):
+        s.state = "completed"
+        s.result = dump_json(event.result)
+        s.error = None
+        _ended(s, event)
+    elif isinstance(event, TaskFailed):
+        s.error = event.error
+        s.trial = s.cancel_requested = None
+        if not event.retry:
+            s.state = "failed"
+            _ended(s, event)
+    elif isinstance(event, TaskRetryScheduled):
+        s.state = "retry"
+        s.due_at = event.due_at
+    elif isinstance(event, TaskCancelRequested):
+        s.cancel_requested = "1"
+    elif isinstance(event, TaskCancelled):
+        s.state = "cancelled"
+        s.due_at = None
+        _ended(s, event)
+    elif isinstance(event, TaskDeadLettered):
+        s.state = "failed"
+        s.error = event.reason
+        s.dead_letter = event.dead_letter
+        _ended(s, event)
+    elif isinstance(event, TaskRequeued):
+        s.state = "queued"
+        s.dead_letter = s.finished_at = None
+    elif isinstance(event, TaskInterrupted):
+        s.state = "queued"
+        s.trial = None
+    elif isinstance(event, TaskReleased):
+        s.state = "queued"
+    # task.reclaimed changes only the version, like every event.
+
+
+def _ended(s: TaskState, event: TaskEvent) -> None:
+    s.finished_at = event.ms
+    s.trial = s.cancel_requested = None
 
 
 def fold(events: Iterable[Event]) -> dict[str, TaskState]:
     """Fold a stream of events into the state of every task it mentions."""
     tasks: dict[str, TaskState] = {}
     for event in events:
-        if not isinstance(event, TaskEvent):
-            continue
-        folded = apply(tasks.get(event.task_id), event)
-        if folded is not None:
-            tasks[event.task_id] = folded
+        if isinstance(event, TaskSubmitted):
+            tasks[event.task_id] = submitted(event)
+        elif isinstance(event, TaskEvent) and event.task_id in tasks:
+            advance(tasks[event.task_id], event)
     return tasks
 
 
