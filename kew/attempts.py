@@ -43,6 +43,10 @@ class Outcome:
     data: str
     """The event's data, as JSON."""
     error_type: str | None = None
+    exception: BaseException | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
+    """The exception a failed attempt raised, if any (for its span)."""
 
     @property
     def succeeded(self) -> bool:

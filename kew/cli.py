@@ -1,6 +1,7 @@
 """The `kew` command.
 
     kew [--redis-url URL] [--prefix PREFIX] [-v] demo [--tasks N] [--workers W]
+        [--otlp-endpoint URL]
     kew ... worker --queue NAME [--queue ...] --import MODULE [--import ...]
     kew ... dead-letters {list,requeue} QUEUE
 
@@ -27,9 +28,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
+from opentelemetry import trace
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress
@@ -37,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kew.connection import make_client, resolve_url, safe_url
-from kew.errors import KewError
+from kew.errors import ConfigurationError, KewError
 from kew.events import log
 from kew.events.models import Event, TaskFailed
 from kew.functions import guarded
@@ -46,6 +48,10 @@ from kew.manager import TaskQueueManager
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.registry import task
 from kew.worker import run_worker
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["main"]
 
@@ -156,11 +162,31 @@ def _add_demo(add_parser: AddParser) -> None:
     parser.add_argument(
         "--keep", action="store_true", help="leave the demo's keys on the server"
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export the demo's traces and metrics over OTLP/HTTP to this base "
+        "URL, e.g. http://localhost:4318 (Jaeger); needs kew[otel]",
+    )
     parser.set_defaults(run=demo)
 
 
 async def demo(args: argparse.Namespace) -> int:
     console = Console()
+    providers = _otlp_providers(args.otlp_endpoint) if args.otlp_endpoint else None
+    try:
+        return await _demo(console, args, providers)
+    finally:
+        if providers is not None:
+            # Blocking HTTP: the last batches of spans and metric points.
+            for provider in providers:
+                await asyncio.to_thread(provider.shutdown)
+            console.print(f"Sent traces and metrics to {args.otlp_endpoint}.")
+
+
+async def _demo(
+    console: Console, args: argparse.Namespace, providers: _Providers | None
+) -> int:
     url = resolve_url(args.redis_url)
     if url is None:
         prefix = check_prefix(
@@ -172,7 +198,7 @@ async def demo(args: argparse.Namespace) -> int:
         )
         if args.keep:
             console.print("--keep is moot: the embedded server's data goes with it.")
-        await _run_demo(console, None, prefix, args.tasks, args.workers)
+        await _run_demo(console, None, prefix, args.tasks, args.workers, providers)
         return 0
 
     # Deliberately not $KEW_KEY_PREFIX: that is where the user's real queues live.
@@ -182,7 +208,7 @@ async def demo(args: argparse.Namespace) -> int:
         await _check_unused(client, url, prefix)
         console.print(f"Server: {safe_url(url)}\nKey prefix: {prefix!r}")
         try:
-            await _run_demo(console, url, prefix, args.tasks, args.workers)
+            await _run_demo(console, url, prefix, args.tasks, args.workers, providers)
         finally:
             if args.keep:
                 console.print(
@@ -198,9 +224,20 @@ async def demo(args: argparse.Namespace) -> int:
 
 
 async def _run_demo(
-    console: Console, url: str | None, prefix: str, tasks: int, workers: int
+    console: Console,
+    url: str | None,
+    prefix: str,
+    tasks: int,
+    workers: int,
+    providers: _Providers | None = None,
 ) -> None:
-    async with TaskQueueManager(redis_url=url, key_prefix=prefix) as manager:
+    tracer_provider, meter_provider = providers or (None, None)
+    async with TaskQueueManager(
+        redis_url=url,
+        key_prefix=prefix,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    ) as manager:
         # The failures are deliberate: a breaker opened by them would hold the
         # rest of the demo back for its reset timeout.
         config = QueueConfig(
@@ -214,8 +251,14 @@ async def _run_demo(
         started = time.perf_counter()
         width = len(str(tasks))
         task_ids = [f"demo-{n:0{width}d}" for n in range(1, tasks + 1)]
-        for number, task_id in enumerate(task_ids, start=1):
-            await manager.submit_task(task_id, DEMO_QUEUE, demo_task, number)
+        # One span around the submissions: the whole demo is one trace.
+        tracer = trace.get_tracer("kew.cli", tracer_provider=tracer_provider)
+        with tracer.start_as_current_span("kew demo") as span:
+            for number, task_id in enumerate(task_ids, start=1):
+                await manager.submit_task(task_id, DEMO_QUEUE, demo_task, number)
+        if providers is not None:
+            trace_id = span.get_span_context().trace_id
+            console.print(f"Trace id of the demo: {trace_id:032x}")
         # Generous: the tasks need about tasks / workers * 0.175 s.
         timeout = 30.0 + tasks / workers * 0.3
         infos = await _wait_with_progress(console, manager, task_ids, timeout)
@@ -223,6 +266,43 @@ async def _run_demo(
 
         console.print(f"{tasks} tasks on {workers} worker slots in {elapsed:.2f} s.")
         await _report(console, manager, infos)
+
+
+_Providers = tuple["TracerProvider", "MeterProvider"]
+
+
+def _otlp_providers(endpoint: str) -> _Providers:
+    """An SDK tracer and meter provider exporting over OTLP/HTTP to the base
+    URL `endpoint` (traces to /v1/traces, metrics to /v1/metrics)."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter,
+        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"--otlp-endpoint needs the OpenTelemetry SDK and its OTLP exporter "
+            f"({exc.name} is missing): pip install 'kew[otel]'."
+        ) from None
+    base = endpoint.rstrip("/")
+    resource = Resource.create({"service.name": "kew-demo"})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+    )
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
+        export_interval_millis=5_000,
+    )
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    return tracer_provider, meter_provider
 
 
 async def _report(

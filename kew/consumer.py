@@ -52,6 +52,7 @@ from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
 from kew.permits import Slots
 from kew.registry import Registry
+from kew.telemetry import Telemetry, internal
 
 __all__ = ["Consumer"]
 
@@ -81,6 +82,7 @@ class Consumer:
         expiry_seconds: int,
         hooks: Hooks,
         on_finished: Callable[[str, str], None],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.client = client
         self.blocking_client = blocking_client
@@ -92,6 +94,7 @@ class Consumer:
         self.expiry_seconds = expiry_seconds
         self.hooks = hooks
         self.on_finished = on_finished
+        self.telemetry = telemetry or Telemetry()
         self.running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
@@ -252,16 +255,17 @@ class Consumer:
             args += self._quotas(n)
         async with self._exclusive:
             try:
-                reply = await functions.call(
-                    self.client, "fetch", self.keys.queue_keys, args
-                )
+                with internal():
+                    reply = await functions.call(
+                        self.client, "fetch", self.keys.queue_keys, args
+                    )
             except BaseException:
                 self.slots.release(n)
                 raise
             rows, next_due, gate, now, newest = cast(
                 tuple[list[list[str]], str, str, int, list[str]], reply
             )
-            self.slots.release(n - self._dispatch(rows))
+            self.slots.release(n - self._dispatch(rows, int(now)))
         if rows or self._stopping:
             return
         if gate.startswith("open:"):
@@ -294,13 +298,14 @@ class Consumer:
         arrives, or `block_ms` passes. A plain XREAD, outside the group: it
         claims nothing, so the next fetch takes entries by priority and by
         free slots, and a consumer that stops here holds nothing."""
-        self._read = asyncio.ensure_future(
-            self.blocking_client.xread(
-                dict(zip(self.keys.ready_all, after, strict=True)),
-                count=1,
-                block=block_ms,
+        with internal():  # the read's task copies this context
+            self._read = asyncio.ensure_future(
+                self.blocking_client.xread(
+                    dict(zip(self.keys.ready_all, after, strict=True)),
+                    count=1,
+                    block=block_ms,
+                )
             )
-        )
         try:
             await self._read
         except asyncio.CancelledError:
@@ -325,8 +330,11 @@ class Consumer:
     def _level(self, stream: str) -> int:
         return self.keys.ready_all.index(stream) + 1
 
-    def _dispatch(self, rows: list[list[str]]) -> int:
-        """Start a local run for each started attempt; return how many."""
+    def _dispatch(
+        self, rows: list[list[str]], server_now: int, *, taken_over: bool = False
+    ) -> int:
+        """Start a local run for each started attempt (started by a fetch, or
+        taken over by maintain, at `server_now`); return how many."""
         started = 0
         for row in rows:
             if row[0] != "started":
@@ -341,8 +349,14 @@ class Consumer:
                 )
                 continue
             attempt = Attempt.from_row(row)
+            self.telemetry.received(
+                self.keys.queue, attempt, server_now, taken_over=taken_over
+            )
+            # A fetch reads only new entries: their first delivery. The count
+            # of a taken-over entry is not in the maintain reply.
+            delivery = None if taken_over else 1
             task = asyncio.create_task(
-                self._run(attempt), name=f"kew task {attempt.task_id}"
+                self._run(attempt, delivery), name=f"kew task {attempt.task_id}"
             )
             self.running[attempt.task_id] = (attempt, task)
             started += 1
@@ -350,9 +364,9 @@ class Consumer:
 
     # -- running ---------------------------------------------------------
 
-    async def _run(self, attempt: Attempt) -> None:
+    async def _run(self, attempt: Attempt, delivery: int | None) -> None:
         try:
-            outcome = await self._execute(attempt)
+            outcome = await self._execute(attempt, delivery)
             self.finishing.add(attempt.entry)
             row = await self._batcher.finish(outcome)
             if row[0] == "ok":
@@ -393,7 +407,16 @@ class Consumer:
                 del self.running[attempt.task_id]
             self.slots.release()
 
-    async def _execute(self, attempt: Attempt) -> Outcome:
+    async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
+        """Run one attempt inside its process span."""
+        with self.telemetry.process(
+            self.keys.queue, self.name, attempt, delivery
+        ) as process:
+            outcome = await self._attempt(attempt)
+            process.ended(outcome)
+            return outcome
+
+    async def _attempt(self, attempt: Attempt) -> Outcome:
         started = time.perf_counter()
         function = self.registry.get(attempt.name)
         if function is None:
@@ -509,12 +532,13 @@ class Consumer:
         async with self._exclusive:
             room = 0 if self._stopping else self.slots.take_free()
             try:
-                reply = await functions.call(
-                    self.client,
-                    "maintain",
-                    [*self.keys.queue_keys, self.keys.worker(self.name)],
-                    self._maintain_args(room),
-                )
+                with internal():
+                    reply = await functions.call(
+                        self.client,
+                        "maintain",
+                        [*self.keys.queue_keys, self.keys.worker(self.name)],
+                        self._maintain_args(room),
+                    )
             except BaseException:
                 self.slots.release(room)
                 raise
@@ -546,7 +570,7 @@ class Consumer:
         )
         self._next_due = None
         self._note_due(next_due, now)
-        self.slots.release(room - self._dispatch(rows))
+        self.slots.release(room - self._dispatch(rows, int(now), taken_over=True))
         if lost:
             self._forget(set(lost))
         for task_id in cancel:
@@ -589,4 +613,4 @@ def _failure(
     if exc is not None:
         logger.debug("task %r failed with", attempt.task_id, exc_info=exc)
     data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
-    return Outcome(attempt, "failed", error, data, error_type)
+    return Outcome(attempt, "failed", error, data, error_type, exc)

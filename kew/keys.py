@@ -15,6 +15,7 @@ outside it.
     <prefix>:{<q>}:config               hash: the queue's configuration
     <prefix>:{<q>}:dlq                  stream: dead letters
     <prefix>:{<q>}:ended                hash: ended task -> its last event id
+    <prefix>:{<q>}:snapshot             hash: the fold of the trimmed head of the log
     <prefix>:{<q>}:worker:<consumer>    string with TTL: liveness of a consumer
     <prefix>:{<q>}:finished             pub/sub channel: ids of tasks that ended
     <prefix>:{<q>}:cancel               pub/sub channel: running tasks to cancel
@@ -100,6 +101,11 @@ class QueueKeys:
     @property
     def dlq(self) -> str:
         return f"{self.base}:dlq"
+
+    @property
+    def snapshot(self) -> str:
+        """Hash: the fold of what the retention policy trimmed from the log."""
+        return f"{self.base}:snapshot"
 
     @property
     def ended(self) -> str:

@@ -18,6 +18,8 @@ from datetime import datetime, timedelta
 from typing import Any, Self, cast
 
 import redis.asyncio as aioredis
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from kew import functions
 from kew.attempts import Attempt
@@ -56,6 +58,7 @@ from kew.submission import (
     prepare,
     prepare_batch,
 )
+from kew.telemetry import Telemetry
 from kew.waiters import Waiters
 
 __all__ = ["TaskQueueManager"]
@@ -80,6 +83,13 @@ class TaskQueueManager(Reads):
     `max_concurrency` caps the tasks this process runs across all its queues;
     when queues wait for that shared capacity, the one with the most urgent
     `QueueConfig.priority` is served first.
+
+    Tracing and metrics go to `tracer_provider` and `meter_provider` (of the
+    OpenTelemetry SDK), else to the global ones; with no SDK they cost next to
+    nothing. `trace_links_only=True` makes the attempts of the tasks this
+    manager submits start traces of their own that link to the submitter's,
+    instead of joining it (for producers that fan out many tasks at once);
+    see kew/telemetry.py.
     """
 
     def __init__(
@@ -96,6 +106,9 @@ class TaskQueueManager(Reads):
         on_task_start: Hook | None = None,
         on_task_complete: Hook | None = None,
         on_task_fail: Hook | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        trace_links_only: bool = False,
     ) -> None:
         if (
             not isinstance(task_expiry_seconds, int)  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -135,6 +148,12 @@ class TaskQueueManager(Reads):
             on_task_fail=on_task_fail,
             describe=self._describe,
         )
+        self._telemetry = Telemetry(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            links_only=trace_links_only,
+        )
+        self._sampler: asyncio.Task[None] | None = None
         self._server: EmbeddedServer | None = None
         self._client: aioredis.Redis | None = None
         self._waiters: Waiters | None = None
@@ -168,6 +187,10 @@ class TaskQueueManager(Reads):
             raise
         self._client = client
         self._waiters = Waiters(client)
+        self._sampler = asyncio.create_task(
+            self._telemetry.sample_forever(client, lambda: list(self._queues.values())),
+            name="kew metrics sampler",
+        )
         logger.info(
             "kew manager %s connected to %s (server %s, prefix %r)",
             self.identity,
@@ -195,6 +218,9 @@ class TaskQueueManager(Reads):
         if self._closed:
             return
         self._closed = True
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         consumers = [q.consumer for q in self._queues.values() if q.consumer]
         await asyncio.gather(
             *(c.stop(wait=wait, timeout=timeout) for c in consumers),
@@ -293,6 +319,7 @@ class TaskQueueManager(Reads):
             expiry_seconds=self.task_expiry_seconds,
             hooks=self._hooks,
             on_finished=self._task_finished,
+            telemetry=self._telemetry,
         )
         queue.consumer = consumer
         consumer.start()
@@ -395,19 +422,21 @@ class TaskQueueManager(Reads):
         self, queue: QueueHandle, batch: list[Submission]
     ) -> list[TaskInfo]:
         keys = queue.keys
-        argv: list[str] = [self.identity]
-        for submission in batch:
-            argv += submission.argv()
-        reply = cast(
-            list[str],
-            await functions.call(
-                self.client,
-                "submit",
-                [*keys.queue_keys, *(keys.task(s.task_id) for s in batch)],
-                argv,
-            ),
-        )
-        check_submit_reply(reply, keys.queue)
+        with self._telemetry.send(keys.queue, batch) as send:
+            argv: list[str] = [self.identity]
+            for submission in send.stamp():
+                argv += submission.argv()
+            reply = cast(
+                list[str],
+                await functions.call(
+                    self.client,
+                    "submit",
+                    [*keys.queue_keys, *(keys.task(s.task_id) for s in batch)],
+                    argv,
+                ),
+            )
+            check_submit_reply(reply, keys.queue)
+            send.submitted(reply[2::2])
         deferred = any(s.options.defer_until_ms or s.options.defer_by_ms for s in batch)
         if deferred and queue.consumer is not None:
             queue.consumer.wake()  # so it learns the new due time at once

@@ -68,6 +68,8 @@ class Submission:
     """The `task.submitted` event's data (the function adds a due time)."""
     options: Options
     tp: str = ""
+    """The W3C traceparent of the send span ("" if untraced), maybe followed
+    by ";link"; set by kew.telemetry."""
 
     def argv(self) -> list[str]:
         o = self.options

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Iterable
 from typing import Any, cast
@@ -17,6 +18,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from kew import functions
+from kew.errors import ConfigurationError
 from kew.events import log
 from kew.events.log import gc_paused
 from kew.events.models import Event, TaskEvent, TaskSubmitted
@@ -27,7 +29,9 @@ from kew.projections.task import TaskState, advance, same_hash, submitted
 
 __all__ = [
     "Difference",
+    "Folder",
     "QueueFold",
+    "Snapshot",
     "fold_events",
     "fold_queue",
     "rebuild",
@@ -68,12 +72,48 @@ class QueueFold:
         return {t.task_id: t.last_event for t in self.tasks.values() if t.finished}
 
 
-class Folder:
-    """Folds events, in log order, into every projection of their queue."""
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What the retention policy trimmed from the head of the log, folded: the
+    count of its (all ended) tasks by state and the breaker as it stood at
+    `through`, the last trimmed event. Folds of the live log start from it."""
 
-    def __init__(self) -> None:
+    through: str
+    stats: dict[str, int]
+    breaker: BreakerState | None
+    events: int
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "through": self.through,
+            "stats": json.dumps(self.stats, sort_keys=True),
+            "breaker": json.dumps(
+                dataclasses.asdict(self.breaker) if self.breaker else None
+            ),
+            "events": str(self.events),
+        }
+
+    @classmethod
+    def from_hash(cls, fields: dict[str, str]) -> Snapshot | None:
+        if not fields:
+            return None
+        breaker = json.loads(fields["breaker"])
+        return cls(
+            through=fields["through"],
+            stats={k: int(v) for k, v in json.loads(fields["stats"]).items()},
+            breaker=BreakerState(**breaker) if breaker else None,
+            events=int(fields["events"]),
+        )
+
+
+class Folder:
+    """Folds events, in log order, into every projection of their queue,
+    starting from the snapshot of what was trimmed, if any."""
+
+    def __init__(self, snapshot: Snapshot | None = None) -> None:
+        self.snapshot = snapshot
         self.tasks: dict[str, TaskState] = {}
-        self.breaker: BreakerState | None = None
+        self.breaker: BreakerState | None = snapshot.breaker if snapshot else None
         self.events = 0
 
     def feed(self, events: Iterable[Event]) -> None:
@@ -91,8 +131,11 @@ class Folder:
         self.breaker = breaker
 
     def result(self) -> QueueFold:
-        tasks = self.tasks
-        return QueueFold(tasks, count_states(tasks.values()), self.breaker, self.events)
+        stats = count_states(self.tasks.values())
+        if self.snapshot is not None:
+            for state, count in self.snapshot.stats.items():
+                stats[state] = stats.get(state, 0) + count
+        return QueueFold(self.tasks, stats, self.breaker, self.events)
 
 
 def fold_events(events: Iterable[Event]) -> QueueFold:
@@ -106,7 +149,17 @@ async def fold_queue(
     client: aioredis.Redis, keys: QueueKeys, *, end: str = "+"
 ) -> QueueFold:
     """Fold a queue's whole log (up to `end`) into its projections."""
-    folder = Folder()
+    snapshot = Snapshot.from_hash(
+        cast(dict[str, str], await functions.guarded(client.hgetall(keys.snapshot)))
+    )
+    if snapshot is not None and end != "+" and _before(end, snapshot.through):
+        raise ConfigurationError(
+            f"The log of queue {keys.queue!r} before {snapshot.through} was "
+            "archived and trimmed by its retention policy: to look that far back, "
+            "import the archive and an export of the log into an empty prefix "
+            "(kew import FILE --prefix P) and ask there."
+        )
+    folder = Folder(snapshot)
     # The fold keeps one state per task; a full collection rescans all of them,
     # and with millions of tasks the collector would take half the time. The
     # states and events hold no reference cycles, so nothing is lost by
@@ -223,6 +276,13 @@ async def rebuild(
             pipe.hset(keys.breaker, mapping=_mapping(folded.breaker.to_hash()))
         await pipe.execute()
     return folded
+
+
+def _before(end: str, entry_id: str) -> bool:
+    """Does a range ending at `end` (an id or bare ms) stop before `entry_id`?"""
+    end_ms, _, end_seq = end.partition("-")
+    ms, _, seq = entry_id.partition("-")
+    return (int(end_ms), int(end_seq or 2**63)) < (int(ms), int(seq))
 
 
 def _mapping(fields: dict[str, Any]) -> Any:
