@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Self, cast
 
@@ -23,6 +23,7 @@ from opentelemetry.trace import TracerProvider
 
 from kew import functions
 from kew.attempts import Attempt
+from kew.audit import Archive, apply_retention, import_lines
 from kew.connection import check_server, make_client, resolve_url, safe_url
 from kew.consumer import Consumer
 from kew.errors import (
@@ -515,6 +516,31 @@ class TaskQueueManager(Reads):
         raise TaskNotFoundError(f"Task {attempt.task_id!r} is in no known queue.")
 
     # -- dead letters ----------------------------------------------------
+
+    async def apply_retention(self, queue_name: str, archive: Archive) -> int:
+        """Apply the queue's retention policy (QueueConfig.retention_seconds):
+        archive the events older than that to `archive` (a JSON Lines file,
+        appended to and fsynced, or a callback taking a list of events), then
+        trim them from the log. Only whole ended tasks are trimmed; see
+        kew.audit. Returns how many events were archived and trimmed."""
+        queue = await self._queue(queue_name)
+        seconds = queue.config.retention_seconds
+        if seconds is None:
+            raise ConfigurationError(
+                f"Queue {queue_name!r} has no retention policy: create it with "
+                "QueueConfig(retention_seconds=...) to bound its log."
+            )
+        report = await apply_retention(
+            self.client, queue.keys, int(seconds * 1000), archive
+        )
+        return report.archived
+
+    async def import_log(self, lines: Iterable[dict[str, Any]]) -> dict[str, int]:
+        """Load exported log lines (kew.audit, `kew export`) into this
+        manager's prefix, which must not hold their queues yet, and rebuild
+        the projections from them. Returns the events imported per queue."""
+        report = await import_lines(self.client, self.key_prefix, lines)
+        return report.queues
 
     async def requeue_dead_letters(self, queue_name: str, limit: int = 1000) -> int:
         """Send dead-lettered tasks back to the queue as new attempts; returns

@@ -109,6 +109,10 @@ class QueueConfig:
     e.g. (6, 3, 1): each fetch shares its entries among the levels in that
     proportion (what a level leaves unused goes to the others), so LOW
     progresses while HIGH is saturated."""
+    retention_seconds: float | None = None
+    """Events older than this are archived and trimmed from the log when the
+    retention policy is applied (`apply_retention`, `kew retention`); None
+    keeps the log whole."""
     max_circuit_breaker_failures: dataclasses.InitVar[int | None] = None
 
     def __post_init__(self, max_circuit_breaker_failures: int | None) -> None:
@@ -144,6 +148,8 @@ class QueueConfig:
             )
         if self.task_timeout is not None:
             _seconds("task_timeout", self.task_timeout)
+        if self.retention_seconds is not None:
+            _seconds("retention_seconds", self.retention_seconds)
 
     def to_stored(self) -> dict[str, Any]:
         """The configuration as stored in Redis (JSON-friendly)."""

@@ -8,11 +8,13 @@ queues it declares below.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 
+from kew.audit import export_lines
 from kew.errors import ConfigurationError, TaskNotFoundError, WaitTimeoutError
 from kew.events.models import Event
 from kew.functions import guarded
@@ -212,6 +214,27 @@ class Reads:
                 self.client, QueueKeys(self.key_prefix, name)
             )
         return ongoing
+
+    async def export_log(
+        self,
+        queue_name: str,
+        *,
+        task_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The queue's events as JSON-ready dicts, one per event, oldest first
+        (a JSON Lines export: `kew export`): all of them, one task's, or those
+        between two aware datetimes."""
+        queue = await self._queue(queue_name)
+        async for line in export_lines(
+            self.client,
+            queue.keys,
+            task_id=task_id,
+            since_ms=_instant_ms(since) if since else None,
+            until_ms=_instant_ms(until) if until else None,
+        ):
+            yield line
 
     # -- dead letters and projections -------------------------------------
 

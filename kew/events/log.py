@@ -21,7 +21,7 @@ from kew.events.codec import decode
 from kew.events.models import Event
 from kew.functions import guarded
 
-__all__ = ["gc_paused", "read", "read_pages"]
+__all__ = ["gc_paused", "read", "read_entries", "read_pages"]
 
 PAGE = 2000
 
@@ -37,17 +37,17 @@ def _as_is(response: object, **_: object) -> object:
     return response
 
 
-async def read_pages(
+async def read_entries(
     client: aioredis.Redis,
     log_key: str,
     *,
     start: str = "-",
     end: str = "+",
     page: int = PAGE,
-) -> AsyncIterator[list[Event]]:
-    """Yield the events of a log from `start` to `end` (entry ids, inclusive;
+) -> AsyncIterator[list[tuple[str, dict[str, str]]]]:
+    """Yield the entries of a log from `start` to `end` (entry ids, inclusive;
     an end of `<ms>` means everything up to that millisecond), a page at a
-    time."""
+    time, as (entry id, fields) exactly as stored."""
     raw = _raw_client(client)
 
     async def fetch(cursor: str) -> list[tuple[str, list[str]]]:
@@ -67,15 +67,28 @@ async def read_pages(
             pending = None
             if len(entries) == page:
                 pending = asyncio.ensure_future(fetch("(" + entries[-1][0]))
-            with gc_paused():
-                events = [
-                    decode(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-                    for entry_id, flat in entries
-                ]
-            yield events
+            yield [
+                (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                for entry_id, flat in entries
+            ]
     finally:
         if pending is not None:
             pending.cancel()
+
+
+async def read_pages(
+    client: aioredis.Redis,
+    log_key: str,
+    *,
+    start: str = "-",
+    end: str = "+",
+    page: int = PAGE,
+) -> AsyncIterator[list[Event]]:
+    """Like `read_entries`, decoded into events."""
+    async for entries in read_entries(client, log_key, start=start, end=end, page=page):
+        with gc_paused():
+            events = [decode(entry_id, fields) for entry_id, fields in entries]
+        yield events
 
 
 async def read(

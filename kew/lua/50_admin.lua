@@ -113,6 +113,34 @@ local function restore(keys, args)
 end
 
 --[[
+trim: the last step of the retention policy, after the archive is written:
+drop the head of the log below `floor` (XTRIM MINID, exact), forget the ended
+tasks whose events went with it, and store the fold of what was trimmed.
+It refuses if one of those tasks changed meanwhile (a dead letter requeued),
+so nothing that a live task still needs is ever trimmed.
+KEYS: the queue's keys, then the snapshot hash
+ARGV: floor id, snapshot through, stats JSON, breaker JSON, events, then per
+      trimmed task: task id, its last event id
+Returns {'ok', entries trimmed} or {'moved', task id}.
+]]
+local function trim(keys, args)
+  local Q = queue(keys)
+  local snapshot = keys[QUEUE_KEYS + 1]
+  for i = 6, #args, 2 do
+    if redis.call('HGET', Q.ended, args[i]) ~= args[i + 1] then
+      return {'moved', args[i]}
+    end
+  end
+  local trimmed = redis.call('XTRIM', Q.log, 'MINID', args[1])
+  for i = 6, #args, 2 do
+    redis.call('HDEL', Q.ended, args[i])
+  end
+  redis.call('HSET', snapshot, 'through', args[2], 'stats', args[3],
+    'breaker', args[4], 'events', args[5])
+  return {'ok', trimmed}
+end
+
+--[[
 create_queue: make the ready streams and their group, store the configuration.
 KEYS: the queue's keys
 ARGV: actor, configuration JSON, then field/value pairs for the config hash

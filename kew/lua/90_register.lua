@@ -8,6 +8,7 @@ redis.register_function('__LIB___create_queue', create_queue)
 redis.register_function('__LIB___prune', prune)
 redis.register_function('__LIB___requeue', requeue)
 redis.register_function('__LIB___restore', restore)
+redis.register_function('__LIB___trim', trim)
 redis.register_function{
   function_name = '__LIB___history', callback = history, flags = {'no-writes'},
 }

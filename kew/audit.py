@@ -1,0 +1,381 @@
+"""The log as a tool: export, import, and the retention policy.
+
+Export writes a queue's events as JSON Lines, one event a line, exactly as the
+log holds them (entry id, the flat fields, `data` as an object), plus its time
+and trace id for readers. Import loads such lines into an empty prefix, with
+the same entry ids, and rebuilds the projections from them: the result equals
+the source's projections. It restores history for audit; it does not queue the
+unfinished tasks again (their ready entries are not part of the log).
+
+The retention policy keeps a log bounded. Events older than the queue's
+`retention_seconds` are archived (appended to a JSON Lines file and fsynced,
+or handed to a callback) and only then trimmed, and only at a task boundary:
+the head that is trimmed holds whole tasks that have ended, never an event of
+a task still open. What was trimmed is folded into the queue's snapshot, so
+verify and rebuild still agree with the projections. No consumer group reads
+the log, so no group can still need a trimmed event.
+
+The archive plus the live log answer history and as-of queries together:
+`read_archive` reads an archive back (`kew history TASK --archive FILE` merges
+it with the live events), and importing the archive and an export of the live
+log into an empty prefix rebuilds the whole history in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import redis.asyncio as aioredis
+
+from kew import functions
+from kew.errors import ConfigurationError, KewError
+from kew.events.codec import decode
+from kew.events.log import read_entries
+from kew.events.models import Event, entry_time
+from kew.functions import guarded
+from kew.keys import QueueKeys, queue_directory
+from kew.projections.breaker import BreakerState
+from kew.projections.rebuild import Folder, Snapshot
+
+__all__ = [
+    "Archive",
+    "RetentionReport",
+    "apply_retention",
+    "event_line",
+    "export_lines",
+    "import_lines",
+    "read_archive",
+]
+
+logger = logging.getLogger(__name__)
+
+Archive = Path | str | Callable[[list[Event]], Awaitable[object] | object]
+"""Where trimmed events go: a JSON Lines file (appended to), or a callback."""
+
+ENVELOPE_FIELDS = ("type", "v", "task_id", "prev", "attempt", "actor", "tp")
+
+
+def event_line(queue: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """One exported event: its entry id and stream fields, `data` parsed."""
+    line: dict[str, Any] = {"queue": queue, "id": entry_id}
+    line["time"] = entry_time(entry_id).isoformat(timespec="milliseconds")
+    for name in ENVELOPE_FIELDS:
+        if name in fields:
+            line[name] = fields[name]
+    tp = fields.get("tp")
+    if tp:
+        line["trace_id"] = decode(entry_id, fields).trace_id
+    if "data" in fields:
+        line["data"] = json.loads(fields["data"])
+    return line
+
+
+def line_fields(line: dict[str, Any]) -> dict[str, str]:
+    """The stream fields of an exported event, as the log stores them."""
+    fields = {name: str(line[name]) for name in ENVELOPE_FIELDS if name in line}
+    if "data" in line:
+        fields["data"] = json.dumps(line["data"], separators=(",", ":"))
+    return fields
+
+
+async def export_lines(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    *,
+    task_id: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """A queue's events as export lines, oldest first: all of them, one task's
+    (by its chain), or those of a time window. The first line is the queue's
+    snapshot, if retention trimmed its log and the whole log is exported."""
+    if task_id is None and since_ms is None:
+        snapshot = cast(dict[str, str], await guarded(client.hgetall(keys.snapshot)))
+        if snapshot:
+            yield {"queue": keys.queue, "snapshot": snapshot}
+    if task_id is not None:
+        for entry_id, fields in await _task_entries(client, keys, task_id):
+            if _within(entry_id, since_ms, until_ms):
+                yield event_line(keys.queue, entry_id, fields)
+        return
+    start = f"{since_ms}" if since_ms is not None else "-"
+    end = f"{until_ms}" if until_ms is not None else "+"
+    async for entries in read_entries(client, keys.log, start=start, end=end):
+        for entry_id, fields in entries:
+            yield event_line(keys.queue, entry_id, fields)
+
+
+async def _task_entries(
+    client: aioredis.Redis, keys: QueueKeys, task_id: str
+) -> list[tuple[str, dict[str, str]]]:
+    reply = cast(
+        list[tuple[str, list[str]]],
+        await functions.call(
+            client,
+            "history",
+            [keys.log, keys.task(task_id), keys.ended],
+            [task_id, 1_000_000],
+            readonly=True,
+        ),
+    )
+    entries = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in reply]
+    entries.reverse()
+    return entries
+
+
+def _within(entry_id: str, since_ms: int | None, until_ms: int | None) -> bool:
+    ms = int(entry_id.partition("-")[0])
+    return (since_ms is None or ms >= since_ms) and (until_ms is None or ms <= until_ms)
+
+
+def read_lines(stream: TextIO) -> Iterator[dict[str, Any]]:
+    """Parse JSON Lines, naming the line of any error."""
+    for number, text in enumerate(stream, start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"Line {number} is not JSON ({exc}): {text[:80]!r}"
+            ) from None
+        if not isinstance(line, dict) or "queue" not in line:
+            raise ConfigurationError(
+                f"Line {number} is not an exported kew event (no 'queue'): "
+                f"{text[:80]!r}"
+            )
+        yield cast(dict[str, Any], line)
+
+
+def read_archive(path: Path | str) -> Iterator[Event]:
+    """The events of an archive (or export) file, oldest first."""
+    with open(path, encoding="utf-8") as stream:
+        for line in read_lines(stream):
+            if "id" in line:
+                yield decode(line["id"], line_fields(line))
+
+
+@dataclasses.dataclass
+class ImportReport:
+    queues: dict[str, int]
+    """Events imported per queue."""
+    skipped: int
+    """Lines whose entry id the log already held (an archive overlapping an
+    export of the live log)."""
+
+
+async def import_lines(
+    client: aioredis.Redis, prefix: str, lines: Iterable[dict[str, Any]]
+) -> ImportReport:
+    """Load exported lines into `prefix`, which must hold none of their queues
+    yet, then rebuild those queues' projections from the imported log.
+
+    A bulk load of a log, not a transition: events go in with XADD and their
+    original ids; the projections are then rebuilt from them by the usual
+    rebuild (kew.projections.rebuild).
+    """
+    from kew.models import QueueConfig
+    from kew.projections.rebuild import rebuild
+
+    counts: dict[str, int] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    last_id: dict[str, str] = {}
+    skipped = 0
+    batch: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for line in lines:
+        queue = str(line["queue"])
+        keys = QueueKeys(prefix, queue)
+        if queue not in counts:
+            if await guarded(client.exists(keys.log, keys.config)):
+                raise ConfigurationError(
+                    f"Queue {queue!r} already exists under prefix {prefix!r}: import "
+                    "into an empty prefix (pick a new --prefix)."
+                )
+            counts[queue] = 0
+        if "snapshot" in line:
+            snapshot = {str(k): str(v) for k, v in line["snapshot"].items()}
+            await guarded(client.hset(keys.snapshot, mapping=cast(Any, snapshot)))
+            continue
+        entry_id = str(line["id"])
+        if queue in last_id and not _after(entry_id, last_id[queue]):
+            skipped += 1
+            continue
+        last_id[queue] = entry_id
+        fields = line_fields(line)
+        if fields.get("type") == "queue.configured":
+            configs[queue] = dict(line.get("data", {}).get("config", {}))
+        batch.setdefault(queue, []).append((entry_id, fields))
+        counts[queue] += 1
+        if len(batch[queue]) >= 1000:
+            await _append(client, keys, batch.pop(queue))
+    for queue, entries in batch.items():
+        await _append(client, QueueKeys(prefix, queue), entries)
+
+    for queue in counts:
+        keys = QueueKeys(prefix, queue)
+        config = configs.get(queue)
+        if config is None:
+            raise KewError(
+                f"The lines of queue {queue!r} hold no queue.configured event, so "
+                "its configuration is unknown; export the whole log (or include "
+                "the archive that holds its start)."
+            )
+        stored = QueueConfig.from_stored(config).to_stored()
+        encoded = json.dumps(stored, sort_keys=True)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.config, mapping=cast(Any, _config_fields(stored, encoded)))
+            pipe.hset(queue_directory(prefix), queue, encoded)
+            for stream in keys.ready_all:
+                pipe.xgroup_create(stream, "workers", id="0", mkstream=True)
+            await guarded(pipe.execute())
+        await rebuild(client, keys, expiry_seconds=86_400)
+    return ImportReport(counts, skipped)
+
+
+def _config_fields(stored: dict[str, Any], encoded: str) -> dict[str, str]:
+    fields = {"json": encoded}
+    for name, value in stored.items():
+        fields[name] = "" if value is None else str(value)
+    return fields
+
+
+async def _append(
+    client: aioredis.Redis, keys: QueueKeys, entries: list[tuple[str, dict[str, str]]]
+) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        for entry_id, fields in entries:
+            pipe.xadd(keys.log, cast(Any, fields), id=entry_id)
+        await guarded(pipe.execute())
+
+
+def _after(entry_id: str, other: str) -> bool:
+    a_ms, _, a_seq = entry_id.partition("-")
+    b_ms, _, b_seq = other.partition("-")
+    return (int(a_ms), int(a_seq or 0)) > (int(b_ms), int(b_seq or 0))
+
+
+@dataclasses.dataclass
+class RetentionReport:
+    archived: int
+    """Events written to the archive and trimmed from the log."""
+    kept_for_open_tasks: int
+    """Events older than the cutoff kept because a task that is still open
+    (or ended after the cutoff) has an event at or after them."""
+    through: str | None
+    """The last trimmed entry id."""
+
+
+async def apply_retention(
+    client: aioredis.Redis, keys: QueueKeys, retention_ms: int, archive: Archive
+) -> RetentionReport:
+    """Archive, then trim, the events older than `retention_ms` (see the module
+    docstring for what is never trimmed)."""
+    seconds, micros = await guarded(client.time())
+    cutoff = int(seconds) * 1000 + int(micros) // 1000 - retention_ms
+    raw: list[tuple[str, dict[str, str]]] = []
+    async for entries in read_entries(client, keys.log, end=str(cutoff)):
+        raw += entries
+    old = [decode(entry_id, fields) for entry_id, fields in raw]
+    if not old:
+        return RetentionReport(0, 0, None)
+
+    first: dict[str, str] = {}
+    for event in old:
+        if event.task_id:
+            first.setdefault(event.task_id, event.id)
+    ids = list(first)
+    ended = cast(
+        list[str | None],
+        await guarded(client.hmget(keys.ended, ids)) if ids else [],
+    )
+    newest = old[-1].id
+    floors = [
+        first[task_id]
+        for task_id, last in zip(ids, ended, strict=True)
+        if last is None or _after(last, newest)
+    ]
+    floor = min(floors, key=_order) if floors else _next_id(newest)
+    trimmed = [e for e in old if _after(floor, e.id)]
+    if not trimmed:
+        return RetentionReport(0, len(old), None)
+
+    await _write_archive(archive, keys.queue, raw[: len(trimmed)], trimmed)
+    previous = Snapshot.from_hash(
+        cast(dict[str, str], await guarded(client.hgetall(keys.snapshot)))
+    )
+    folder = Folder(previous)
+    folder.feed(trimmed)
+    folded = folder.result()
+    breaker: BreakerState | None = folded.breaker
+    snapshot = Snapshot(
+        through=trimmed[-1].id,
+        stats=folded.stats,
+        breaker=breaker,
+        events=(previous.events if previous else 0) + len(trimmed),
+    )
+    gone = [(t.task_id, t.last_event) for t in folded.tasks.values()]
+    args: list[str] = [floor, *snapshot.to_hash().values()]
+    for task_id, last_event in gone:
+        args += [task_id, last_event]
+    reply = cast(
+        list[str],
+        await functions.call(client, "trim", [*keys.queue_keys, keys.snapshot], args),
+    )
+    if reply[0] != "ok":
+        raise KewError(
+            f"Task {reply[1]!r} of queue {keys.queue!r} changed while its events "
+            "were being archived (a dead letter requeued?); nothing was trimmed. "
+            "Apply the retention policy again."
+        )
+    logger.info(
+        "archived and trimmed %s events of queue %s through %s",
+        len(trimmed),
+        keys.queue,
+        snapshot.through,
+    )
+    return RetentionReport(len(trimmed), len(old) - len(trimmed), snapshot.through)
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = _order(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    with open(path, "a", encoding="utf-8") as stream:
+        for line in lines:
+            stream.write(line + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+async def _write_archive(
+    archive: Archive,
+    queue: str,
+    entries: list[tuple[str, dict[str, str]]],
+    events: list[Event],
+) -> None:
+    if isinstance(archive, Path | str):
+        lines = [
+            json.dumps(event_line(queue, entry_id, fields), ensure_ascii=False)
+            for entry_id, fields in entries
+        ]
+        # A thread: writing and fsyncing must not block the event loop.
+        await asyncio.to_thread(_append_lines, Path(archive), lines)
+        return
+    result = archive(events)
+    if inspect.isawaitable(result):
+        await result

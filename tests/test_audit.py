@@ -1,0 +1,257 @@
+"""The log as an audit tool: history, as-of, export/import and retention."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from kew import (
+    ConfigurationError,
+    QueueConfig,
+    TaskNotFoundError,
+    TaskQueueManager,
+    TaskStatus,
+)
+from kew.audit import read_archive
+from kew.keys import QueueKeys
+from kew.projections.task import same_hash
+from kew.registry import Registry
+
+from .conftest import eventually
+
+MakeManager = Callable[..., Awaitable[TaskQueueManager]]
+
+
+class Flaky:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def __call__(self, n: int) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"call {self.calls} failed")
+        return n
+
+
+async def ok(n: int) -> int:
+    return n
+
+
+async def bad(n: int) -> None:
+    raise ValueError(f"bad {n}")
+
+
+async def _mixed_workload(manager: TaskQueueManager) -> None:
+    """Successes, failures, a retried task, a cancelled one."""
+    flaky = Flaky(failures=1)
+    manager.registry = Registry()  # each workload has its own flaky function
+    manager.registry.register(flaky, "tests.audit_flaky")
+    await manager.create_queue(
+        QueueConfig(name="q", max_workers=3, retry_delay=0.01, max_retries=1)
+    )
+    for i in range(6):
+        await manager.submit_task(f"ok{i}", "q", ok, i)
+    await manager.submit_task("bad", "q", bad, 1, max_retries=0)
+    await manager.submit_task("retried", "q", "tests.audit_flaky", 7)
+    await manager.submit_task("later", "q", ok, 9, _defer_by=timedelta(hours=1))
+    await manager.cancel_task("later")
+    for task_id in [*(f"ok{i}" for i in range(6)), "bad", "retried"]:
+        await manager.wait_for_task(task_id, timeout=10)
+
+
+async def test_history_follows_the_chain_and_outlives_the_record(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """get_task_history returns typed events in order, also after the task's
+    record expired."""
+    manager = await make_manager(task_expiry_seconds=1)
+    await _mixed_workload(manager)
+    history = await manager.get_task_history("retried")
+    assert [(e.type, e.attempt) for e in history] == [
+        ("task.submitted", 0),
+        ("task.started", 1),
+        ("task.failed", 1),
+        ("task.retry_scheduled", 1),
+        ("task.enqueued", 1),
+        ("task.started", 2),
+        ("task.succeeded", 2),
+    ]
+    assert getattr(history[2], "error") == "call 1 failed"  # noqa: B009
+    assert all(a.time <= b.time for a, b in itertools.pairwise(history))
+
+    key = QueueKeys(prefix, "q").task("retried")
+    await eventually(
+        lambda: _gone(client, key), timeout=10, what="the record to expire"
+    )
+    with pytest.raises(TaskNotFoundError):
+        await manager.get_task_status("retried")
+    again = await manager.get_task_history("retried")
+    assert [e.id for e in again] == [e.id for e in history]
+
+
+async def _gone(client: aioredis.Redis, key: str) -> bool:
+    return not await client.exists(key)
+
+
+async def test_status_as_of_an_instant(manager: TaskQueueManager) -> None:
+    """A task's and a queue's status as of an instant fold the log up to it."""
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "done"
+
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("h", "q", held)
+    await eventually(
+        lambda: _status_is(manager, "h", TaskStatus.PROCESSING), what="h to start"
+    )
+    gate.set()
+    done = await manager.wait_for_task("h", 10)
+    history = await manager.get_task_history("h")
+    started_at = history[1].time
+    before = history[0].time - timedelta(milliseconds=1)
+
+    then = await manager.get_task_status("h", as_of=started_at)
+    assert then.status is TaskStatus.PROCESSING
+    assert then.attempt == 1
+    assert (await manager.get_task_status("h", as_of=done.completed_time)).result == (
+        "done"
+    )
+    with pytest.raises(TaskNotFoundError, match="not been submitted yet"):
+        await manager.get_task_status("h", as_of=before)
+
+    queue_then = await manager.get_queue_status("q", as_of=started_at)
+    assert queue_then["running_tasks"] == ["h"]
+    assert queue_then["processing_tasks"] == 1
+    queue_now = await manager.get_queue_status("q", as_of=done.completed_time)
+    assert queue_now["completed_tasks"] == 1
+    assert queue_now["running_tasks"] == []
+    with pytest.raises(ConfigurationError, match="time zone"):
+        await manager.get_task_status("h", as_of=started_at.replace(tzinfo=None))
+
+
+async def _status_is(
+    manager: TaskQueueManager, task_id: str, status: TaskStatus
+) -> bool:
+    return (await manager.get_task_status(task_id)).status is status
+
+
+async def test_export_then_import_reproduces_the_projections(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """An export imported into an empty prefix rebuilds the same projections."""
+    source = await make_manager()
+    await _mixed_workload(source)
+    lines = [line async for line in source.export_log("q")]
+    assert all(json.loads(json.dumps(line)) == line for line in lines)
+    assert lines[0]["type"] == "queue.configured"
+
+    copy_prefix = f"{prefix}:copy"
+    copy = await make_manager(key_prefix=copy_prefix, consume=False)
+    assert await copy.import_log(lines) == {"q": len(lines)}
+    assert await copy.verify_projections("q") == []
+
+    a, b = QueueKeys(prefix, "q"), QueueKeys(copy_prefix, "q")
+    ids = [f"ok{i}" for i in range(6)] + ["bad", "retried", "later"]
+    for task_id in ids:
+        stored = await client.hgetall(a.task(task_id))
+        imported = await client.hgetall(b.task(task_id))
+        assert same_hash(stored, imported) == [], task_id
+    assert _nonzero(await client.hgetall(a.stats)) == _nonzero(
+        await client.hgetall(b.stats)
+    )
+    assert await client.hgetall(a.ended) == await client.hgetall(b.ended)
+
+    with pytest.raises(ConfigurationError, match="empty prefix"):
+        await copy.import_log(lines)
+
+    one = [line async for line in source.export_log("q", task_id="retried")]
+    assert {line["task_id"] for line in one} == {"retried"}
+    assert len(one) == 7
+
+
+def _nonzero(counts: dict[str, str]) -> dict[str, str]:
+    return {state: n for state, n in counts.items() if n != "0"}
+
+
+async def test_retention_archives_then_trims_only_whole_ended_tasks(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """Old events of ended tasks go to the archive and leave the log; an open
+    task keeps all of its events; projections still verify; archive plus log
+    still answer history."""
+    manager = await make_manager()
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "late"
+
+    await manager.create_queue(QueueConfig(name="q", retention_seconds=0.001))
+    for i in range(5):
+        await manager.submit_task(f"old{i}", "q", ok, i)
+        await manager.wait_for_task(f"old{i}", 10)
+    await manager.submit_task("open", "q", held)
+    await eventually(
+        lambda: _status_is(manager, "open", TaskStatus.PROCESSING), what="open"
+    )
+    await manager.submit_task("young", "q", ok, 99)
+    await manager.wait_for_task("young", 10)
+    keys = QueueKeys(prefix, "q")
+    length = await client.xlen(keys.log)
+
+    archive = tmp_path / "archive.jsonl"
+    archived = await manager.apply_retention("q", archive)
+    # queue.configured + 3 events for each of the five old tasks; "open" (and
+    # everything after its first event) stays.
+    assert archived == 16
+    assert await client.xlen(keys.log) == length - 16
+    assert await manager.verify_projections("q") == []
+    status = await manager.get_queue_status("q")
+    assert status["completed_tasks"] == 6
+
+    archived_events = list(read_archive(archive))
+    assert len(archived_events) == 16
+    assert {e.task_id for e in archived_events if e.task_id} == {
+        f"old{i}" for i in range(5)
+    }
+    with pytest.raises(TaskNotFoundError):
+        await manager.get_task_history("old0")
+    open_history = await manager.get_task_history("open")
+    assert [e.type for e in open_history] == ["task.submitted", "task.started"]
+
+    # Nothing more to trim while "open" is open: it holds the floor.
+    assert await manager.apply_retention("q", archive) == 0
+    gate.set()
+    await manager.wait_for_task("open", 10)
+
+    # The archive and an export of the live log rebuild the whole history.
+    whole = await make_manager(key_prefix=f"{prefix}:whole", consume=False)
+    archived_lines = [json.loads(text) for text in archive.read_text().splitlines()]
+    live = [line async for line in manager.export_log("q")]
+    await whole.import_log(archived_lines + [x for x in live if "id" in x])
+    history = await whole.get_task_history("old0")
+    assert [e.type for e in history] == [
+        "task.submitted",
+        "task.started",
+        "task.succeeded",
+    ]
+    assert await whole.verify_projections("q") == []
+
+
+async def test_retention_needs_a_policy(
+    manager: TaskQueueManager, tmp_path: Path
+) -> None:
+    """A queue without retention_seconds refuses to be trimmed."""
+    await manager.create_queue(QueueConfig(name="q"))
+    with pytest.raises(ConfigurationError, match="retention_seconds"):
+        await manager.apply_retention("q", tmp_path / "a.jsonl")
