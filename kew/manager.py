@@ -343,6 +343,10 @@ class TaskQueueManager(Reads):
         self._queues[name] = queue
         return queue
 
+    async def queue_names(self) -> list[str]:
+        """The names of the queues under this manager's prefix."""
+        return await self._queue_names()
+
     async def _queue_names(self) -> list[str]:
         names = await guarded(self.client.hkeys(queue_directory(self.key_prefix)))
         return sorted(set(cast(list[str], names)) | set(self._queues))

@@ -24,6 +24,7 @@ from kew.models import QueueConfig, QueuePriority, TaskInfo, TaskStatus
 from kew.projections.rebuild import QueueFold
 
 __all__ = [
+    "consumers",
     "find_task",
     "history",
     "locate_task",
@@ -230,6 +231,31 @@ async def ongoing_tasks(client: aioredis.Redis, keys: QueueKeys) -> list[TaskInf
         task_info(keys.queue, task_id, fields)
         for task_id, fields in zip(ids, replies, strict=True)
         if fields.get("state") == TaskStatus.PROCESSING
+    ]
+
+
+async def consumers(client: aioredis.Redis, keys: QueueKeys) -> list[dict[str, Any]]:
+    """The queue's consumers: name, entries held, and whether its liveness key
+    is there (a consumer that died keeps its name until it is pruned)."""
+    held: dict[str, int] = {}
+    for stream in keys.ready_all:
+        try:
+            infos: list[dict[str, Any]] = await guarded(
+                client.xinfo_consumers(stream, GROUP)
+            )
+        except ServerError:
+            continue
+        for info in infos:
+            name = str(info["name"])
+            held[name] = held.get(name, 0) + int(info["pending"])
+    names = sorted(held)
+    async with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(keys.worker(name))
+        alive = cast(list[int], await guarded(pipe.execute()))
+    return [
+        {"name": name, "pending": held[name], "alive": bool(up)}
+        for name, up in zip(names, alive, strict=True)
     ]
 
 

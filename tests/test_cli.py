@@ -40,7 +40,9 @@ def assert_demo_output(stdout: str) -> None:
     assert "15/15" in stdout
     assert "\x1b[" not in stdout, "colour codes in output that is not a terminal"
     log_lines = [
-        line for line in stdout.splitlines() if re.match(r"\s*\d{10,}-\d+\s", line)
+        line
+        for line in stdout.splitlines()
+        if re.match(r"\s*\d\d:\d\d:\d\d\.\d{3}\s", line)
     ]
     types = [t for line in log_lines for t in re.findall(r"task\.\w+", line)]
     assert types == ["task.submitted", "task.started", "task.failed"], stdout

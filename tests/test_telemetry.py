@@ -37,10 +37,10 @@ from kew import (
     QueueConfig,
     TaskQueueManager,
     TaskStatus,
-    cli,
     functions,
     telemetry,
 )
+from kew.cli import demo
 from kew.events.models import TaskSubmitted
 from kew.keys import QueueKeys
 
@@ -684,4 +684,4 @@ def test_the_demo_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> No
     """Without kew[otel], --otlp-endpoint fails with a message naming the extra."""
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
     with pytest.raises(ConfigurationError, match=r"pip install 'kew\[otel\]'"):
-        cli._otlp_providers("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]
+        demo._otlp_providers("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]

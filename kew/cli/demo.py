@@ -1,38 +1,19 @@
-"""The `kew` command.
-
-    kew [--redis-url URL] [--prefix PREFIX] [-v] demo [--tasks N] [--workers W]
-        [--otlp-endpoint URL]
-    kew ... worker --queue NAME [--queue ...] --import MODULE [--import ...]
-    kew ... dead-letters {list,requeue} QUEUE
-
-Each subcommand is a pair: an `_add_<name>(add_parser)` function that declares
-its arguments and points `run` at an async `<name>(args)` function returning
-the exit code. `main` parses, configures logging (the command is an
-application; the library never does) and turns a `KewError` into one line on
-stderr and exit code 1.
-
-The server is `--redis-url`, else `KEW_REDIS_URL`, else an embedded server that
-lives as long as the command.
-"""
+"""`kew demo`: a short workload that shows what kew does and what happened."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
 import os
 import random
 import secrets
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 from opentelemetry import trace
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress
 from rich.table import Table
@@ -40,88 +21,20 @@ from rich.text import Text
 
 from kew.connection import make_client, resolve_url, safe_url
 from kew.errors import ConfigurationError, KewError
-from kew.events import log
-from kew.events.models import Event, TaskFailed
 from kew.functions import guarded
 from kew.keys import DEFAULT_PREFIX, PREFIX_ENV, QueueKeys, check_prefix
 from kew.manager import TaskQueueManager
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.registry import task
-from kew.worker import run_worker
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
-__all__ = ["main"]
+from kew.cli.base import AddParser, positive_int
+from kew.cli.log import timeline
 
-Run = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
-AddParser = Callable[..., argparse.ArgumentParser]
-"""`add_parser` of the subparsers: each `_add_<name>` declares one subcommand."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the `kew` command; returns the exit code."""
-    args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
-    run = cast(Run, args.run)
-    try:
-        return asyncio.run(run(args))
-    except KewError as exc:
-        print(f"kew: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kew: interrupted", file=sys.stderr)
-        return 130
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kew",
-        description="kew: an asyncio task queue whose source of truth is an event "
-        "log in Redis Streams.",
-    )
-    parser.add_argument(
-        "--redis-url",
-        metavar="URL",
-        help="the server, e.g. redis://localhost:6379/0 (default: $KEW_REDIS_URL, "
-        "else an embedded server that lives as long as the command)",
-    )
-    parser.add_argument(
-        "--prefix",
-        metavar="PREFIX",
-        help=f"the key prefix (default: ${PREFIX_ENV}, else {DEFAULT_PREFIX!r})",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log INFO (-vv: DEBUG)"
-    )
-    subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
-    for add in _SUBCOMMANDS:
-        add(subparsers.add_parser)
-    return parser
-
-
-def _configure_logging(verbose: int) -> None:
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    line_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, stream=sys.stderr, format=line_format)
-    if verbose == 0:
-        # The consumer logs each failed attempt as a warning; the command shows
-        # outcomes in its own output, so those lines would only be noise.
-        logging.getLogger("kew.consumer").setLevel(logging.ERROR)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not valid: give a whole number of 1 or more."
-        )
-    return value
-
+__all__ = ["add_demo", "demo"]
 
 # -- kew demo -------------------------------------------------------------
 
@@ -145,7 +58,7 @@ async def demo_task(number: int) -> dict[str, Any]:
     return {"square": number * number, "slept": round(delay, 3)}
 
 
-def _add_demo(add_parser: AddParser) -> None:
+def add_demo(add_parser: AddParser) -> None:
     parser = add_parser(
         "demo",
         help="run a short workload and show what happened",
@@ -154,10 +67,10 @@ def _add_demo(add_parser: AddParser) -> None:
         "--prefix is given) and deletes its keys at the end.",
     )
     parser.add_argument(
-        "--tasks", type=_positive_int, default=40, help="tasks to run (default 40)"
+        "--tasks", type=positive_int, default=40, help="tasks to run (default 40)"
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=8, help="tasks at once (default 8)"
+        "--workers", type=positive_int, default=8, help="tasks at once (default 8)"
     )
     parser.add_argument(
         "--keep", action="store_true", help="leave the demo's keys on the server"
@@ -314,11 +227,13 @@ async def _report(
     console.print(_status_table(await manager.get_queue_status(DEMO_QUEUE)))
 
     if failed:
-        # TODO: use manager.get_task_history once it exists (a later issue).
         task_id = failed[0].task_id
-        log_key = QueueKeys(manager.key_prefix, DEMO_QUEUE).log
-        events = [e async for e in log.read(manager.client, log_key)]
-        console.print(_log_table(task_id, [e for e in events if e.task_id == task_id]))
+        events = await manager.get_task_history(task_id)
+        console.print(timeline(f"The history of failed task {task_id!r}", events))
+        console.print(
+            f"(the same with `kew history {task_id}` against a shared server; "
+            "each event's trace id leads to the task's trace)"
+        )
 
     differences = await manager.verify_projections(DEMO_QUEUE)
     if differences:
@@ -388,24 +303,6 @@ def _status_table(status: dict[str, Any]) -> Table:
     return table
 
 
-def _log_table(task_id: str, events: list[Event]) -> Table:
-    table = Table(title=f"The log of failed task {task_id!r}", box=box.SIMPLE_HEAD)
-    for name in ("event id", "time", "type", "attempt", "actor"):
-        table.add_column(name, no_wrap=name != "actor", overflow="fold")
-    for event in events:
-        table.add_row(
-            event.id,
-            event.time.astimezone().strftime("%H:%M:%S.%f")[:-3],
-            event.type,
-            str(event.attempt),
-            Text(event.actor or ""),
-        )
-    errors = [f"{e.error_type}: {e.error}" for e in events if isinstance(e, TaskFailed)]
-    if errors:
-        table.caption = Text("task.failed: " + errors[-1])
-    return table
-
-
 async def _check_unused(client: aioredis.Redis, url: str, prefix: str) -> None:
     """Refuse a prefix that already holds keys: the demo deletes everything
     under its prefix at the end, so it must own all of it."""
@@ -440,113 +337,3 @@ async def _scan(
     characters, so the pattern matches the prefix literally."""
     reply = await guarded(client.scan(cursor, match=f"{prefix}:*", count=1000))
     return cast(tuple[int, list[str]], reply)
-
-
-# -- kew worker -------------------------------------------------------------
-
-
-def _add_worker(add_parser: AddParser) -> None:
-    parser = add_parser(
-        "worker",
-        help="run the tasks of queues created elsewhere, until SIGTERM",
-        description="Import the modules that define task functions, join the "
-        "queues' consumer groups with their stored configuration, and run their "
-        "tasks until SIGTERM or Ctrl-C; then stop gracefully.",
-    )
-    parser.add_argument(
-        "--queue",
-        "-q",
-        action="append",
-        required=True,
-        metavar="NAME",
-        help="a queue to consume (repeat for several)",
-    )
-    parser.add_argument(
-        "--import",
-        "-i",
-        dest="modules",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="a module defining task functions (repeat for several)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long running tasks may finish at shutdown (default 10)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="tasks at once across all the queues (default: each queue's max_workers)",
-    )
-    parser.set_defaults(run=worker)
-
-
-async def worker(args: argparse.Namespace) -> int:
-    await run_worker(
-        queues=args.queue,
-        modules=args.modules,
-        redis_url=args.redis_url,
-        key_prefix=args.prefix,
-        grace=args.grace,
-        max_concurrency=args.concurrency,
-    )
-    return 0
-
-
-# -- kew dead-letters -------------------------------------------------------
-
-
-def _add_dead_letters(add_parser: AddParser) -> None:
-    parser = add_parser(
-        "dead-letters",
-        help="list or requeue a queue's dead letters",
-        description="Tasks whose entry was delivered more than max_deliveries "
-        "times without an outcome (a crash loop) wait in the queue's dead-letter "
-        "stream. List them, or send them back to the queue once the cause is fixed.",
-    )
-    parser.add_argument("action", choices=("list", "requeue"))
-    parser.add_argument("queue", metavar="QUEUE")
-    parser.set_defaults(run=dead_letters)
-
-
-async def dead_letters(args: argparse.Namespace) -> int:
-    console = Console()
-    url = resolve_url(args.redis_url)
-    if url is None:
-        raise KewError(
-            "Dead letters live on a shared server: pass --redis-url or set "
-            "KEW_REDIS_URL."
-        )
-    async with TaskQueueManager(
-        redis_url=url, key_prefix=args.prefix, consume=False
-    ) as manager:
-        if args.action == "requeue":
-            count = await manager.requeue_dead_letters(args.queue)
-            console.print(f"Requeued {count} dead-lettered tasks of {args.queue!r}.")
-            return 0
-        letters = await manager.dead_letters(args.queue)
-        table = Table("dead letter", "task", "deliveries", "last consumer", "reason")
-        for letter in letters:
-            table.add_row(
-                letter["id"],
-                letter.get("task_id", ""),
-                letter.get("deliveries", ""),
-                letter.get("previous", ""),
-                letter.get("reason", ""),
-            )
-        console.print(table)
-        console.print(f"{len(letters)} dead letters in {args.queue!r}.")
-    return 0
-
-
-_SUBCOMMANDS: tuple[Callable[[AddParser], None], ...] = (
-    _add_demo,
-    _add_worker,
-    _add_dead_letters,
-)

@@ -1,0 +1,93 @@
+"""The `kew` command.
+
+    kew [--redis-url URL] [--prefix PREFIX] [-v] demo [--tasks N] [--workers W]
+        [--otlp-endpoint URL]
+    kew ... worker --queue NAME [--queue ...] --import MODULE [--import ...]
+    kew ... dead-letters {list,requeue} QUEUE
+
+Each subcommand is a pair: an `add_<name>(add_parser)` function that declares
+its arguments and points `run` at an async `<name>(args)` function returning
+the exit code. `main` parses, configures logging (the command is an
+application; the library never does) and turns a `KewError` into one line on
+stderr and exit code 1.
+
+The server is `--redis-url`, else `KEW_REDIS_URL`, else an embedded server that
+lives as long as the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import cast
+
+from kew.cli.base import AddParser, Run
+from kew.cli.demo import add_demo
+from kew.cli.log import LOG_COMMANDS
+from kew.cli.ops import add_dead_letters, add_worker
+from kew.errors import KewError
+from kew.keys import DEFAULT_PREFIX, PREFIX_ENV
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `kew` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    run = cast(Run, args.run)
+    try:
+        return asyncio.run(run(args))
+    except KewError as exc:
+        print(f"kew: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kew: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kew",
+        description="kew: an asyncio task queue whose source of truth is an event "
+        "log in Redis Streams.",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="the server, e.g. redis://localhost:6379/0 (default: $KEW_REDIS_URL, "
+        "else an embedded server that lives as long as the command)",
+    )
+    parser.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help=f"the key prefix (default: ${PREFIX_ENV}, else {DEFAULT_PREFIX!r})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log INFO (-vv: DEBUG)"
+    )
+    subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers.add_parser)
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    line_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, stream=sys.stderr, format=line_format)
+    if verbose == 0:
+        # The consumer logs each failed attempt as a warning; the command shows
+        # outcomes in its own output, so those lines would only be noise.
+        logging.getLogger("kew.consumer").setLevel(logging.ERROR)
+
+
+_SUBCOMMANDS: tuple[Callable[[AddParser], None], ...] = (
+    add_demo,
+    add_worker,
+    add_dead_letters,
+    *LOG_COMMANDS,
+)
