@@ -1,0 +1,193 @@
+"""The log commands, run as subprocesses, their output checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from kew import QueueConfig, TaskQueueManager
+from kew.keys import QueueKeys
+
+MakeManager = Callable[..., Awaitable[TaskQueueManager]]
+TIMEOUT = 60
+
+
+def kew(
+    url: str, prefix: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KEW_REDIS_URL": url, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "kew", "--prefix", prefix, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+async def ok(n: int) -> int:
+    return n
+
+
+async def broken(n: int) -> None:
+    raise RuntimeError(f"broken {n}")
+
+
+@pytest.fixture
+async def workload(make_manager: MakeManager) -> TaskQueueManager:
+    """A queue with completed and failed tasks."""
+    manager = await make_manager()
+    await manager.create_queue(QueueConfig(name="q"))
+    for i in range(3):
+        await manager.submit_task(f"ok{i}", "q", ok, i)
+    await manager.submit_task("bad", "q", broken, 1)
+    for task_id in ("ok0", "ok1", "ok2", "bad"):
+        await manager.wait_for_task(task_id, 10)
+    return manager
+
+
+async def test_status_shows_counts_consumers_and_breaker(
+    workload: TaskQueueManager, redis_url: str, prefix: str
+) -> None:
+    """kew status prints the queue's counts and its live consumer; --json too."""
+    done = kew(redis_url, prefix, "status", "q")
+    assert done.returncode == 0, done.stderr
+    assert "completed" in done.stdout
+    assert "breaker closed" in done.stdout
+    assert workload.identity in done.stdout
+    as_json = json.loads(kew(redis_url, prefix, "status", "q", "--json").stdout)
+    assert as_json["completed_tasks"] == 3
+    assert as_json["failed_tasks"] == 1
+    assert as_json["consumers"] == [
+        {"name": workload.identity, "pending": 0, "alive": True}
+    ]
+
+
+async def test_history_prints_a_timeline_with_the_error(
+    workload: TaskQueueManager, redis_url: str, prefix: str
+) -> None:
+    """kew history shows the task's events and its error, or JSON lines."""
+    done = kew(redis_url, prefix, "history", "bad")
+    assert done.returncode == 0, done.stderr
+    for word in ("task.submitted", "task.started", "task.failed", "broken 1"):
+        assert word in done.stdout
+    lines = kew(redis_url, prefix, "history", "bad", "--json").stdout.splitlines()
+    assert [json.loads(line)["type"] for line in lines] == [
+        "task.submitted",
+        "task.started",
+        "task.failed",
+    ]
+    missing = kew(redis_url, prefix, "history", "ghost")
+    assert missing.returncode == 1
+    assert "ghost" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+async def test_tail_filters_by_type(
+    workload: TaskQueueManager, redis_url: str, prefix: str
+) -> None:
+    """kew tail shows the newest events, filtered by a type prefix."""
+    done = kew(redis_url, prefix, "tail", "q", "--type", "task.failed", "--json")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(e["type"], e["task_id"]) for e in events] == [("task.failed", "bad")]
+
+
+async def test_replay_shows_the_queue_as_of_an_instant(
+    workload: TaskQueueManager, redis_url: str, prefix: str
+) -> None:
+    """kew replay folds the log up to the given time."""
+    history = await workload.get_task_history("ok0")
+    at = history[0].time.isoformat()
+    done = kew(redis_url, prefix, "replay", "q", "--as-of", at, "--json")
+    assert done.returncode == 0, done.stderr
+    then = json.loads(done.stdout)
+    assert then["completed_tasks"] == 0
+    assert then["queued_tasks"] >= 1
+    now = json.loads(
+        kew(redis_url, prefix, "replay", "q", "--as-of", "now", "--json").stdout
+    )
+    assert now["completed_tasks"] == 3
+    bad_time = kew(redis_url, prefix, "replay", "q", "--as-of", "yesterday")
+    assert bad_time.returncode == 2
+    assert "not a time" in bad_time.stderr
+
+
+async def test_verify_fails_on_a_tampered_projection_and_rebuild_repairs_it(
+    workload: TaskQueueManager, redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """kew verify exits 1 naming the difference; kew rebuild fixes it."""
+    assert kew(redis_url, prefix, "verify", "q").returncode == 0
+    await client.hset(QueueKeys(prefix, "q").task("ok1"), "result", "666")
+    done = kew(redis_url, prefix, "verify", "q")
+    assert done.returncode == 1
+    assert "task ok1" in done.stdout
+    assert "result" in done.stdout
+    rebuilt = kew(redis_url, prefix, "rebuild", "q")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "Rebuilt" in rebuilt.stdout
+    assert kew(redis_url, prefix, "verify", "q").returncode == 0
+
+
+async def test_export_and_import_round_trip(
+    workload: TaskQueueManager,
+    redis_url: str,
+    prefix: str,
+    client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    """kew export > file; kew import file --prefix P reproduces the queue."""
+    exported = kew(redis_url, prefix, "export", "q")
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert lines[0]["type"] == "queue.configured"
+    assert all("id" in line and "time" in line for line in lines)
+    path = tmp_path / "q.jsonl"
+    path.write_text(exported.stdout)
+
+    copy = f"{prefix}:copy"
+    done = kew(redis_url, prefix, "import", str(path), "--prefix", copy)
+    assert done.returncode == 0, done.stderr
+    assert f"Imported {len(lines)} events" in done.stdout
+    assert kew(redis_url, copy, "verify", "q").returncode == 0
+    history = kew(redis_url, copy, "history", "bad", "--json").stdout.splitlines()
+    assert json.loads(history[-1])["error"] == "broken 1"
+
+    again = kew(
+        redis_url, prefix, "import", "-", "--prefix", copy, stdin=path.read_text()
+    )
+    assert again.returncode == 1
+    assert "empty prefix" in again.stderr
+
+    one = kew(redis_url, prefix, "export", "q", "--task", "ok2").stdout.splitlines()
+    assert {json.loads(line)["task_id"] for line in one} == {"ok2"}
+
+
+async def test_retention_command_archives_and_trims(
+    make_manager: MakeManager, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """kew retention archives old events to a file, then history reads both."""
+    manager = await make_manager()
+    await manager.create_queue(QueueConfig(name="q", retention_seconds=0.001))
+    await manager.submit_task("old", "q", ok, 1)
+    await manager.wait_for_task("old", 10)
+    archive = tmp_path / "archive.jsonl"
+    done = kew(redis_url, prefix, "retention", "q", "--archive", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "Archived 4 events" in done.stdout
+    gone = kew(redis_url, prefix, "history", "old")
+    assert gone.returncode == 1
+    merged = kew(
+        redis_url, prefix, "history", "old", "--archive", str(archive), "--json"
+    )
+    assert merged.returncode == 0, merged.stderr
+    assert len(merged.stdout.splitlines()) == 3
