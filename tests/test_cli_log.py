@@ -62,7 +62,7 @@ async def test_status_shows_counts_consumers_and_breaker(
     done = kew(redis_url, prefix, "status", "q")
     assert done.returncode == 0, done.stderr
     assert "completed" in done.stdout
-    assert "breaker closed" in done.stdout
+    assert "closed, consecutive failures: 1" in done.stdout
     assert workload.identity in done.stdout
     as_json = json.loads(kew(redis_url, prefix, "status", "q", "--json").stdout)
     assert as_json["completed_tasks"] == 3

@@ -49,7 +49,10 @@ async def _manager(
             "KEW_REDIS_URL (an embedded server would start empty)."
         )
     manager = TaskQueueManager(
-        redis_url=url, key_prefix=prefix or args.prefix, consume=False
+        redis_url=url,
+        key_prefix=prefix or args.prefix,
+        consume=False,
+        cleanup_on_start=False,  # a command that looks must not change things
     )
     async with manager:
         yield manager
@@ -164,31 +167,28 @@ async def status(args: argparse.Namespace) -> int:
                 _print_json({**info, "consumers": members})
                 continue
             table = Table(title=f"queue {name!r}", box=box.SIMPLE_HEAD)
-            table.add_column("state")
-            table.add_column("tasks", justify="right")
+            table.add_column("")
+            table.add_column("", overflow="fold")
             for key, value in info.items():
-                if key.endswith("_tasks") and key != "current_workers":
-                    table.add_row(key.removesuffix("_tasks"), str(value))
+                if key.endswith("_tasks"):
+                    table.add_row(key.removesuffix("_tasks") + " tasks", str(value))
             table.add_row("dead letters", str(info["dead_letters"]))
-            breaker = info["circuit_breaker_status"]
-            table.caption = (
-                f"breaker {breaker} ({info['circuit_breaker_failures']} failures in "
-                f"a row); max_workers {info['max_workers']}, priority "
-                f"{info['priority']}"
+            table.add_row(
+                "circuit breaker",
+                f"{info['circuit_breaker_status']}, consecutive failures: "
+                f"{info['circuit_breaker_failures']}",
             )
-            console.print(table)
-            people = Table(box=box.SIMPLE_HEAD)
-            for column in ("consumer", "holding", "alive"):
-                people.add_column(column)
+            table.add_row("max_workers", str(info["max_workers"]))
+            table.add_row("priority", str(info["priority"]))
+            if not members:
+                table.add_row("consumers", "none")
             for member in members:
-                people.add_row(
-                    member["name"],
-                    str(member["pending"]),
-                    Text("yes", style="green")
-                    if member["alive"]
-                    else Text("no", style="red"),
+                alive = "alive" if member["alive"] else "gone (no liveness key)"
+                table.add_row(
+                    "consumer",
+                    Text(f"{member['name']}: {alive}, holding {member['pending']}"),
                 )
-            console.print(people)
+            console.print(table)
     return 0
 
 
