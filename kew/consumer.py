@@ -40,13 +40,13 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import pydantic_core
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from kew import functions
 from kew.attempts import Attempt, FinishBatcher, Outcome
 from kew.errors import KewError
+from kew.execution import run_attempt
 from kew.hooks import Hooks
 from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
@@ -417,69 +417,14 @@ class Consumer:
             return outcome
 
     async def _attempt(self, attempt: Attempt) -> Outcome:
-        started = time.perf_counter()
-        function = self.registry.get(attempt.name)
-        if function is None:
-            return _failure(
-                attempt,
-                f"Task function {attempt.name!r} is not registered in this process "
-                f"({self.name}): import the module that defines it (kew worker "
-                "--import MODULE) or submit the task from a process that has it.",
-                "TaskFunctionError",
-            )
-        if self.hooks.on_task_start is not None:
-            await self.hooks.before(attempt)
-        try:
-            arguments = json.loads(attempt.args)
-            args, kwargs = list(arguments["args"]), dict(arguments["kwargs"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return _failure(
-                attempt,
-                f"The stored arguments of task {attempt.task_id!r} cannot be "
-                f"decoded ({exc}); submit the task again.",
-                "SerializationError",
-            )
-        run = asyncio.ensure_future(function.run(args, kwargs))
-        self._functions[attempt.task_id] = run
-        try:
-            async with asyncio.timeout(attempt.timeout):
-                result = await run
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # this consumer is stopping
-            logger.info("task %r cancelled on request", attempt.task_id)
-            return Outcome(attempt, "cancelled", "", '{"reason":"cancel_task"}')
-        except TimeoutError as exc:
-            if attempt.timeout is not None and run.cancelled():
-                return _failure(
-                    attempt,
-                    f"Task timed out after {attempt.timeout:g}s",
-                    "TimeoutError",
-                )
-            return _failure(attempt, _describe(exc), _type_name(exc), exc)
-        except Exception as exc:
-            return _failure(attempt, _describe(exc), _type_name(exc), exc)
-        finally:
-            self._functions.pop(attempt.task_id, None)
-        try:
-            value = pydantic_core.to_json(result).decode()
-        except pydantic_core.PydanticSerializationError as exc:
-            return _failure(
-                attempt,
-                f"The result of task {attempt.task_id!r} is not JSON-serialisable "
-                f"({exc}); return JSON types, or a pydantic model.",
-                "SerializationError",
-            )
-        logger.info(
-            "task %r (%s) attempt %s on queue %s succeeded in %.3fs",
-            attempt.task_id,
-            attempt.name,
-            attempt.attempt,
-            self.keys.queue,
-            time.perf_counter() - started,
+        return await run_attempt(
+            attempt,
+            self.registry.get(attempt.name),
+            consumer=self.name,
+            queue=self.keys.queue,
+            hooks=self.hooks,
+            functions=self._functions,
         )
-        return Outcome(attempt, "succeeded", value, '{"result":' + value + "}")
 
     async def _record(self, outcomes: list[Outcome]) -> list[list[str]]:
         keys = list(self.keys.queue_keys)
@@ -589,28 +534,3 @@ class Consumer:
                     attempt.attempt,
                 )
                 task.cancel()
-
-
-def _type_name(exc: BaseException) -> str:
-    return type(exc).__qualname__
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return text if text else _type_name(exc)
-
-
-def _failure(
-    attempt: Attempt, error: str, error_type: str, exc: BaseException | None = None
-) -> Outcome:
-    logger.warning(
-        "task %r (%s) attempt %s failed: %s",
-        attempt.task_id,
-        attempt.name,
-        attempt.attempt,
-        error,
-    )
-    if exc is not None:
-        logger.debug("task %r failed with", attempt.task_id, exc_info=exc)
-    data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
-    return Outcome(attempt, "failed", error, data, error_type, exc)

@@ -82,7 +82,7 @@ def _configure_logging(verbose: int) -> None:
     if verbose == 0:
         # The consumer logs each failed attempt as a warning; the command shows
         # outcomes in its own output, so those lines would only be noise.
-        logging.getLogger("kew.consumer").setLevel(logging.ERROR)
+        logging.getLogger("kew.execution").setLevel(logging.ERROR)
 
 
 _SUBCOMMANDS: tuple[Callable[[AddParser], None], ...] = (

@@ -1,0 +1,126 @@
+"""Running one attempt of a task function: arguments in, an Outcome out.
+
+Everything that can go wrong in a task function, or around it (an unknown
+function, undecodable arguments, a timeout, a result that is not JSON), ends
+as an Outcome; only the consumer's own cancellation escapes, as it must.
+The function runs in a task of its own (kept in `functions` while it runs), so
+that `cancel_task` can cancel it without cancelling the bookkeeping around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import pydantic_core
+
+from kew.attempts import Attempt, Outcome
+from kew.hooks import Hooks
+from kew.registry import TaskFunction
+
+__all__ = ["run_attempt"]
+
+logger = logging.getLogger(__name__)
+
+
+async def run_attempt(
+    attempt: Attempt,
+    function: TaskFunction | None,
+    *,
+    consumer: str,
+    queue: str,
+    hooks: Hooks,
+    functions: dict[str, asyncio.Future[Any]],
+) -> Outcome:
+    """Run the attempt's task function and say how it ended."""
+    started = time.perf_counter()
+    function = function
+    if function is None:
+        return _failure(
+            attempt,
+            f"Task function {attempt.name!r} is not registered in this process "
+            f"({consumer}): import the module that defines it (kew worker "
+            "--import MODULE) or submit the task from a process that has it.",
+            "TaskFunctionError",
+        )
+    if hooks.on_task_start is not None:
+        await hooks.before(attempt)
+    try:
+        arguments = json.loads(attempt.args)
+        args, kwargs = list(arguments["args"]), dict(arguments["kwargs"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return _failure(
+            attempt,
+            f"The stored arguments of task {attempt.task_id!r} cannot be "
+            f"decoded ({exc}); submit the task again.",
+            "SerializationError",
+        )
+    run = asyncio.ensure_future(function.run(args, kwargs))
+    functions[attempt.task_id] = run
+    try:
+        async with asyncio.timeout(attempt.timeout):
+            result = await run
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this consumer is stopping
+        logger.info("task %r cancelled on request", attempt.task_id)
+        return Outcome(attempt, "cancelled", "", '{"reason":"cancel_task"}')
+    except TimeoutError as exc:
+        if attempt.timeout is not None and run.cancelled():
+            return _failure(
+                attempt,
+                f"Task timed out after {attempt.timeout:g}s",
+                "TimeoutError",
+            )
+        return _failure(attempt, _describe(exc), _type_name(exc), exc)
+    except Exception as exc:
+        return _failure(attempt, _describe(exc), _type_name(exc), exc)
+    finally:
+        functions.pop(attempt.task_id, None)
+    try:
+        value = pydantic_core.to_json(result).decode()
+    except pydantic_core.PydanticSerializationError as exc:
+        return _failure(
+            attempt,
+            f"The result of task {attempt.task_id!r} is not JSON-serialisable "
+            f"({exc}); return JSON types, or a pydantic model.",
+            "SerializationError",
+        )
+    logger.info(
+        "task %r (%s) attempt %s on queue %s succeeded in %.3fs",
+        attempt.task_id,
+        attempt.name,
+        attempt.attempt,
+        queue,
+        time.perf_counter() - started,
+    )
+    return Outcome(attempt, "succeeded", value, '{"result":' + value + "}")
+
+
+def _type_name(exc: BaseException) -> str:
+    return type(exc).__qualname__
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return text if text else _type_name(exc)
+
+
+def _failure(
+    attempt: Attempt, error: str, error_type: str, exc: BaseException | None = None
+) -> Outcome:
+    logger.warning(
+        "task %r (%s) attempt %s failed: %s",
+        attempt.task_id,
+        attempt.name,
+        attempt.attempt,
+        error,
+    )
+    if exc is not None:
+        logger.debug("task %r failed with", attempt.task_id, exc_info=exc)
+    data = pydantic_core.to_json({"error": error, "error_type": error_type}).decode()
+    return Outcome(attempt, "failed", error, data, error_type, exc)
