@@ -48,6 +48,7 @@ from kew.permits import Permits, SharedCapacity, Slots
 from kew.reads import QueueHandle, Reads
 from kew.registry import Registry
 from kew.registry import registry as default_registry
+from kew.sampler import sample_forever
 from kew.server import EmbeddedServer
 from kew.status import (
     prune_consumers,
@@ -189,7 +190,9 @@ class TaskQueueManager(Reads):
         self._client = client
         self._waiters = Waiters(client)
         self._sampler = asyncio.create_task(
-            self._telemetry.sample_forever(client, lambda: list(self._queues.values())),
+            sample_forever(
+                self._telemetry, client, lambda: list(self._queues.values())
+            ),
             name="kew metrics sampler",
         )
         logger.info(

@@ -60,12 +60,11 @@ Known limits:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from contextvars import Token
 from importlib import metadata
 from types import TracebackType
@@ -77,17 +76,11 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from kew.errors import KewError
 from kew.events.models import entry_ms
-from kew.functions import guarded
 from kew.keys import GROUP
-from kew.status import queue_status
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from kew.attempts import Attempt, Outcome
-    from kew.reads import QueueHandle
     from kew.submission import Submission
 
 __all__ = ["SAMPLE_SECONDS", "Telemetry", "internal", "split_tp"]
@@ -502,77 +495,6 @@ class Telemetry:
         self.tracing = not _of_the_api(tracer_provider, "opentelemetry.trace")
         meter_provider = self._meter_provider or metrics.get_meter_provider()
         self.metering = not _of_the_api(meter_provider, "opentelemetry.metrics")
-
-    async def sample_forever(
-        self, client: aioredis.Redis, queues: Callable[[], list[QueueHandle]]
-    ) -> None:
-        """Set the queue-level gauges every `SAMPLE_SECONDS`, while metering."""
-        sampler = _Sampler(self, client)
-        while True:
-            self.refresh()
-            if self.metering:
-                for queue in queues():
-                    try:
-                        with internal():
-                            await sampler.sample(queue)
-                    except (KewError, OSError) as exc:
-                        logger.debug(
-                            "could not sample queue %s for metrics: %s",
-                            queue.keys.queue,
-                            exc,
-                        )
-                    except Exception:
-                        # A bug: log it, and keep sampling the other queues.
-                        logger.exception(
-                            "failed to sample queue %s for metrics", queue.keys.queue
-                        )
-            await asyncio.sleep(SAMPLE_SECONDS)
-
-
-class _Sampler:
-    def __init__(self, telemetry: Telemetry, client: aioredis.Redis) -> None:
-        self.telemetry = telemetry
-        self.client = client
-        self.breakers: dict[str, str] = {}
-        self.dead_letters_seen: dict[str, str] = {}
-        """Per queue, the newest dead-letter entry id already counted."""
-
-    async def sample(self, queue: QueueHandle) -> None:
-        t, keys, client = self.telemetry, queue.keys, self.client
-        status = await queue_status(client, keys, queue.config, 0)
-        base = t.attributes(keys.queue)
-        depth = {
-            "ready": status["queued_tasks"] - status["scheduled_tasks"],
-            "running": status["processing_tasks"],
-            "deferred": status["scheduled_tasks"],
-            "retry": status["retry_tasks"],
-            "dead_lettered": status["dead_letters"],
-        }
-        for state, count in depth.items():
-            t.depth.set(count, {**base, KEW_QUEUE_STATE: state})
-
-        breaker = str(status["circuit_breaker_status"])
-        t.breaker_state.set(BREAKER_LEVELS.get(breaker, 0), base)
-        before = self.breakers.get(keys.queue)
-        if before is not None and before != breaker:
-            t.breaker_transitions.add(1, {**base, KEW_BREAKER_STATE: breaker})
-        self.breakers[keys.queue] = breaker
-
-        seen = self.dead_letters_seen.get(keys.queue)
-        if seen is None:
-            newest = cast(
-                list[tuple[str, Any]],
-                await guarded(client.xrevrange(keys.dlq, count=1)),
-            )
-            self.dead_letters_seen[keys.queue] = newest[0][0] if newest else "0-0"
-            return
-        new = cast(
-            list[tuple[str, Any]],
-            await guarded(client.xrange(keys.dlq, f"({seen}", "+", count=10_000)),
-        )
-        if new:
-            t.dead_lettered.add(len(new), base)
-            self.dead_letters_seen[keys.queue] = new[-1][0]
 
 
 def _of_the_api(provider: object, package: str) -> bool:
