@@ -5,11 +5,15 @@ consumer (this process) takes the task over. Recovery time = the server time of
 the second attempt's task.started event minus the moment of the kill (same
 machine, same clock). Repeated N times; prints each time and the median.
 
-    .venv/bin/python bench/recovery.py [N]
+    .venv/bin/python bench/recovery.py [N] [--url redis://...]
+
+Without --url it runs on kew's embedded server; `bench/run.py` passes its
+private Redis.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -92,15 +96,22 @@ async def _wait_started(manager: TaskQueueManager, task_id: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def main(runs: int) -> None:
-    with EmbeddedServer() as server, tempfile.TemporaryDirectory() as tmp:
-        assert server.url is not None
+async def measure(url: str, runs: int, prefix: str = "recovery") -> list[float]:
+    """Seconds from SIGKILL to the takeover's task.started, `runs` times."""
+    with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "bench_tasks.py").write_text(TASKS)
-        times = []
-        for n in range(runs):
-            seconds = await one_run(server.url, f"recovery{n}", Path(tmp))
-            times.append(seconds)
-            print(f"run {n + 1}: recovered {seconds:.3f}s after SIGKILL")
+        return [await one_run(url, f"{prefix}{n}", Path(tmp)) for n in range(runs)]
+
+
+async def main(runs: int, url: str | None) -> None:
+    if url is None:
+        with EmbeddedServer() as server:
+            assert server.url is not None
+            times = await measure(server.url, runs)
+    else:
+        times = await measure(url, runs)
+    for n, seconds in enumerate(times):
+        print(f"run {n + 1}: recovered {seconds:.3f}s after SIGKILL")
     print(
         f"median {statistics.median(times):.3f}s, max {max(times):.3f}s over {runs} "
         "runs (default lease 2.0s, renewed and swept every third of it)"
@@ -108,4 +119,8 @@ async def main(runs: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="?", type=int, default=5)
+    parser.add_argument("--url")
+    cli = parser.parse_args()
+    asyncio.run(main(cli.runs, cli.url))

@@ -1,0 +1,221 @@
+"""Running one scenario of one library: fresh processes against the private
+Redis (flushed first), and one result row.
+
+A row: {"lib", "scenario", "rep", "value", "unit", "ok", "checks", "raw"}.
+`ok` is False when a verification failed (or the scenario crashed); the row
+then says why in `checks`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis_server import PrivateRedis, delta
+from venvs import BENCH, Lib
+
+sys.path.insert(0, str(BENCH / "peers"))
+import common
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain: int = 20_000
+    sleep: int = 2_000
+    latency: int = 500
+    submits: int = 20_000
+    batch: int = 1_000
+    concurrency: int = 100
+    idle_seconds: float = 5.0
+    rebuild_events: int = 1_000_000
+    commands_n: int = 1_000
+    timeout: float = 900.0
+
+
+FULL = Sizes()
+SMOKE = Sizes(
+    drain=500,
+    sleep=300,
+    latency=100,
+    submits=500,
+    batch=100,
+    idle_seconds=1.0,
+    rebuild_events=5_000,
+    commands_n=200,
+    timeout=120.0,
+)
+
+
+class Failed(Exception):
+    pass
+
+
+class Scenarios:
+    def __init__(self, server: PrivateRedis, sizes: Sizes, logs: Path) -> None:
+        self.server = server
+        self.sizes = sizes
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def call(self, lib: Lib, what: str, argv: list[str]) -> dict[str, Any]:
+        """Run a runner subcommand; its JSON result (stderr goes to a log)."""
+        return self.run([str(lib.python), str(lib.runner), *argv], lib.name, what)
+
+    def run(self, command: list[str], name: str, what: str) -> dict[str, Any]:
+        log = self.logs / f"{name}-{what}.log"
+        with log.open("a") as err:
+            err.write(f"\n$ {' '.join(command)}\n")
+            err.flush()
+            done = subprocess.run(
+                [*command, "--url", self.server.url],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                timeout=self.sizes.timeout,
+                cwd=BENCH.parent,
+            )
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise Failed(f"{what} exited {done.returncode}; see {log}")
+        return dict(json.loads(lines[-1]))
+
+    # -- the common scenarios -------------------------------------------
+
+    def work(self, lib: Lib, rep: int, fn: str) -> dict[str, Any]:
+        """drain (fn=noop) or sleep: pre-submit, then one worker process."""
+        s = self.sizes
+        n = s.drain if fn == "noop" else s.sleep
+        scenario = "drain" if fn == "noop" else "sleep"
+        c = str(s.concurrency)
+        self.server.flush()
+        argv = ["--n", str(n), "--fn", fn, "--concurrency", c]
+        self.call(lib, f"{scenario}-submit", ["submit", "--mode", "prepare", *argv])
+        before = self.server.snapshot()
+        raw = self.call(lib, scenario, ["work", *argv])
+        used = delta(before, self.server.snapshot())
+        raw["commands_per_task"] = used["commands"] / n
+        raw["server_cpu_s_per_1000"] = used["server_cpu_s"] / n * 1000
+        raw["by_command"] = used["by_command"]
+        if lib.name == "kew":
+            raw["log"] = self.log_memory()
+        checks = {
+            "all completed": raw["completed"] == n and not raw["timed_out"],
+            "no duplicates": raw["duplicates"] == 0,
+            "outcomes recorded": raw["left_unrecorded"] == 0,
+            "never exceeded": raw["max_concurrency"] <= s.concurrency,
+            "reached": raw["max_concurrency"] == s.concurrency,
+        }
+        if fn == "noop":
+            value, unit = raw["tasks_per_s"], "tasks/s"
+        else:
+            value, unit = raw["seconds"], "s"
+            raw["ideal_s"] = n * common.SLEEP_SECONDS["sleep"] / s.concurrency
+        # In the drain, a library that runs tasks one after another honestly
+        # never reaches the limit; that is reported, not a failed row. Peers'
+        # "nothing left queued or active" counts are their own bookkeeping
+        # (SAQ's active list keeps a few ids until its sweeper runs): shown,
+        # required of kew only, whose count is its stats projection.
+        required = [
+            k
+            for k in checks
+            if (k != "reached" or fn == "sleep")
+            and (k != "outcomes recorded" or lib.name == "kew")
+        ]
+        return row(lib, scenario, rep, value, unit, checks, raw, required)
+
+    def log_memory(self) -> dict[str, float]:
+        from kew.keys import QueueKeys
+
+        key = QueueKeys("kew", common.QUEUE).log
+        redis = self.server.redis
+        length = int(redis.xlen(key))  # type: ignore[arg-type]
+        used = int(redis.memory_usage(key, samples=0) or 0)  # type: ignore[arg-type]
+        return {"entries": length, "bytes": used, "bytes_per_entry": used / length}
+
+    def submits(self, lib: Lib, rep: int, mode: str) -> dict[str, Any]:
+        s = self.sizes
+        self.server.flush()
+        raw = self.call(
+            lib,
+            mode,
+            ["submit", "--mode", mode, "--n", str(s.submits), "--batch", str(s.batch)],
+        )
+        name = "single submit" if mode == "single" else "batch submit"
+        return row(lib, name, rep, raw["submits_per_s"], "submits/s", {}, raw)
+
+    def latency(self, lib: Lib, rep: int) -> dict[str, Any]:
+        self.server.flush()
+        raw = self.call(lib, "latency", ["latency", "--n", str(self.sizes.latency)])
+        checks = {"results right": raw["wrong_results"] == 0}
+        return row(lib, "latency", rep, raw["p50_ms"], "ms p50", checks, raw)
+
+    def idle(self, lib: Lib) -> dict[str, Any]:
+        """Commands per second a worker sends to a queue nobody submits to."""
+        self.server.flush()
+        log = (self.logs / f"{lib.name}-idle.log").open("a")
+        command = [str(lib.python), str(lib.runner), "serve", "--url", self.server.url]
+        proc = common.start_server(command, log)
+        try:
+            time.sleep(1.0)  # past the start-up commands
+            before = self.server.snapshot()
+            time.sleep(self.sizes.idle_seconds)
+            used = delta(before, self.server.snapshot())
+        finally:
+            common.stop_server(proc)
+            log.close()
+        per_s = used["commands"] / self.sizes.idle_seconds
+        raw = {"seconds": self.sizes.idle_seconds, **used}
+        return row(lib, "idle", 0, per_s, "commands/s", {}, raw)
+
+    # -- kew only ---------------------------------------------------------
+
+    def extra(self, what: str, argv: list[str]) -> dict[str, Any]:
+        self.server.flush()
+        command = [sys.executable, str(BENCH / "kew_extra.py"), what, *argv]
+        return self.run(command, "kew", what)
+
+    def floor(self, what: str, argv: list[str]) -> dict[str, Any]:
+        self.server.flush()
+        command = [sys.executable, str(BENCH / "floor.py"), what, *argv]
+        return self.run(command, "floor", what)
+
+
+def row(
+    lib: Lib,
+    scenario: str,
+    rep: int,
+    value: float,
+    unit: str,
+    checks: dict[str, bool],
+    raw: dict[str, Any],
+    required: list[str] | None = None,
+) -> dict[str, Any]:
+    needed = checks if required is None else {k: checks[k] for k in required}
+    return {
+        "lib": lib.name,
+        "scenario": scenario,
+        "rep": rep,
+        "value": value,
+        "unit": unit,
+        "ok": all(needed.values()),
+        "checks": checks,
+        "raw": raw,
+    }
+
+
+def failed_row(lib: str, scenario: str, rep: int, error: str) -> dict[str, Any]:
+    return {
+        "lib": lib,
+        "scenario": scenario,
+        "rep": rep,
+        "value": None,
+        "unit": "",
+        "ok": False,
+        "checks": {"ran": False},
+        "raw": {"error": error},
+    }
