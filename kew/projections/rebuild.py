@@ -211,13 +211,14 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
         )
 
     stored_ended = cast(dict[str, str], await client.hgetall(keys.ended))
+    ended = folded.ended  # computed on each access: take it once
     fields = sorted(
         name
-        for name in set(stored_ended) | set(folded.ended)
-        if stored_ended.get(name) != folded.ended.get(name)
+        for name in set(stored_ended) | set(ended)
+        if stored_ended.get(name) != ended.get(name)
     )
     if fields:
-        differences.append(Difference("ended", fields, stored_ended, folded.ended))
+        differences.append(Difference("ended", fields, stored_ended, ended))
 
     stored_stats = cast(dict[str, str], await client.hgetall(keys.stats))
     fields = same_stats(stored_stats, folded.stats)
@@ -268,8 +269,9 @@ async def rebuild(
         await pending
     async with client.pipeline(transaction=True) as pipe:
         pipe.delete(keys.stats, keys.breaker, keys.ended)
-        if folded.ended:
-            pipe.hset(keys.ended, mapping=_mapping(folded.ended))
+        ended = folded.ended
+        if ended:
+            pipe.hset(keys.ended, mapping=_mapping(ended))
         if folded.stats:
             pipe.hset(keys.stats, mapping=_mapping(folded.stats))
         if folded.breaker is not None:
