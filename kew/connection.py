@@ -18,6 +18,7 @@ Two redis-py settings are deliberate:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Callable
@@ -117,11 +118,43 @@ def make_client(
         client = aioredis.Redis.from_url(url, **options)
         _fast_packing(client.connection_pool)
         return client
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=30, **options
-    )
+    pool = CappedPool.from_url(url, **options)
+    pool.cap(max_connections)
     _fast_packing(pool)
     return aioredis.Redis.from_pool(pool)
+
+
+class CappedPool(aioredis.ConnectionPool):
+    """A pool of at most `cap` connections where a caller beyond the cap waits
+    for one (redis-py's plain pool raises instead, and its blocking pool costs
+    a condition and a timeout per command: ~20 µs on kew's hot paths)."""
+
+    _slots: asyncio.Semaphore | None = None
+    _lent: set[int]
+
+    def cap(self, connections: int) -> None:
+        self._slots = asyncio.Semaphore(connections)
+        self._lent = set()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._slots is None:
+            return await super().get_connection(*args, **kwargs)
+        await self._slots.acquire()
+        try:
+            connection = await super().get_connection(*args, **kwargs)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._lent.add(id(connection))
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        # Only connections this pool lent count: redis-py also releases one
+        # whose connect failed, before get_connection raises.
+        if self._slots is not None and id(connection) in self._lent:
+            self._lent.discard(id(connection))
+            self._slots.release()
 
 
 async def check_server(client: aioredis.Redis) -> str:

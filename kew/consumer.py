@@ -15,9 +15,11 @@ Invariants:
   local attempt is cancelled: the new owner runs the task, and this
   consumer's outcome would be fenced anyway.
 * Outcomes are recorded by `finish`, batched: attempts that end in the same
-  turn of the event loop share one round trip. A slot is released only after
-  its outcome is recorded, so the server never shows more attempts of this
-  consumer in progress than it has slots.
+  turn of the event loop share one round trip. A slot is released as soon as
+  its task function returns, so the next fetch overlaps the recording of the
+  outcome; the server may then briefly count, as processing, the attempts
+  whose outcomes are on their way besides those running (never more task
+  functions run at once than there are slots).
 * Cancellation (shutdown, or the event loop closing) never loses a task: an
   attempt that did not record its outcome stays pending under this consumer
   and is handed back (`release`) or taken over after the lease.
@@ -365,8 +367,13 @@ class Consumer:
     # -- running ---------------------------------------------------------
 
     async def _run(self, attempt: Attempt, delivery: int | None) -> None:
+        slot_held = True
         try:
             outcome = await self._execute(attempt, delivery)
+            # The function is done: its slot may start the next attempt while
+            # this outcome is being recorded (the entry stays held and renewed).
+            self.slots.release()
+            slot_held = False
             self.finishing.add(attempt.entry)
             row = await self._batcher.finish(outcome)
             if row[0] == "ok":
@@ -405,7 +412,8 @@ class Consumer:
             current = self.running.get(attempt.task_id)
             if current is not None and current[0] is attempt:
                 del self.running[attempt.task_id]
-            self.slots.release()
+            if slot_held:
+                self.slots.release()
 
     async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
         """Run one attempt inside its process span."""

@@ -3,8 +3,9 @@ on_task_fail, each sync or async.
 
 A hook receives the task's `TaskInfo` (and `on_task_fail` the error message as
 an exception). A hook that raises is logged and ignored: a hook never kills a
-consumer or changes a task's outcome. Hooks run inside the attempt's worker
-slot, so a slow hook holds a permit. `on_task_fail` runs after every failed
+consumer or changes a task's outcome. `on_task_start` runs inside the
+attempt's worker slot, so a slow one holds a permit; the others run once the
+outcome is recorded, after the slot is free. `on_task_fail` runs after every failed
 attempt, including those that will be retried (the TaskInfo then shows status
 `retry`), as in the earlier release. A cancelled task calls no hook.
 """

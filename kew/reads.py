@@ -158,13 +158,17 @@ class Reads:
         WaitTimeoutError after `timeout` seconds (None waits for ever) and
         TaskNotFoundError for an unknown task.
         """
-        queue, fields = await self._find(task_id, queue_name)
-        info = task_info(queue, task_id, fields)
-        if info.status.finished:
-            return info
+        queue = queue_name or self._task_queue.get(task_id)
+        if queue is None:
+            queue, fields = await self._find(task_id, None)
+            info = task_info(queue, task_id, fields)
+            if info.status.finished:
+                return info
         waiters = cast(Waiters, self._waiters)
+        state = "unknown"
         try:
             async with asyncio.timeout(timeout):
+                # Subscribed first, then read: an end in between is not missed.
                 await waiters.subscribe(
                     queue, self._queues_keys(queue).finished_channel
                 )
@@ -172,6 +176,7 @@ class Reads:
                     future = waiters.register(queue, task_id)
                     try:
                         info = await self.get_task_status(task_id, queue_name=queue)
+                        state = info.status.value
                         if info.status.finished:
                             return info
                         await future
@@ -179,8 +184,8 @@ class Reads:
                         waiters.discard(queue, task_id, future)
         except TimeoutError:
             raise WaitTimeoutError(
-                f"Task {task_id!r} did not end within {timeout}s (it is "
-                f"{info.status.value}); wait longer, or check its consumers."
+                f"Task {task_id!r} did not end within {timeout}s (it is {state}); "
+                "wait longer, or check its consumers."
             ) from None
 
     async def get_queue_status(

@@ -8,6 +8,7 @@ its signature, arguments that are not JSON, a bad task id or priority.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -99,6 +100,14 @@ def options(
     defer_until: object = None,
 ) -> Options:
     """A task's policies from the queue's defaults and the caller's overrides."""
+    if (
+        max_retries is None
+        and retry_delay is None
+        and task_timeout is None
+        and defer_by is None
+        and defer_until is None
+    ):
+        return _defaults(config)
     retries = config.max_retries if max_retries is None else max_retries
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ConfigurationError(
@@ -115,6 +124,12 @@ def options(
         defer_until_ms=until_ms,
         defer_by_ms=by_ms,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _defaults(config: QueueConfig) -> Options:
+    """A queue's default policies (the common case of a batch), worked out once."""
+    return options(config, max_retries=config.max_retries)
 
 
 def _ms(name: str, seconds: object, *, zero_ok: bool = False) -> int:
