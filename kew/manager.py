@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Self, cast
@@ -161,6 +162,8 @@ class TaskQueueManager(Reads):
         self._waiters: Waiters | None = None
         self._queues: dict[str, QueueHandle] = {}
         self._task_queue: dict[str, str] = {}
+        self._submitted: dict[str, float] = {}
+        """Task id -> time.monotonic() when this manager began submitting it."""
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -430,6 +433,7 @@ class TaskQueueManager(Reads):
         self, queue: QueueHandle, batch: list[Submission]
     ) -> list[TaskInfo]:
         keys = queue.keys
+        started = time.monotonic()
         with self._telemetry.send(keys.queue, batch) as send:
             argv: list[str] = [self.identity]
             for submission in send.stamp():
@@ -450,7 +454,7 @@ class TaskQueueManager(Reads):
             queue.consumer.wake()  # so it learns the new due time at once
         infos: list[TaskInfo] = []
         for i, submission in enumerate(batch):
-            self._remember(submission.task_id, keys.queue)
+            self._remember(submission.task_id, keys.queue, started)
             event_id = reply[1 + 2 * i]
             infos.append(
                 TaskInfo(
@@ -466,10 +470,16 @@ class TaskQueueManager(Reads):
             )
         return infos
 
-    def _remember(self, task_id: str, queue_name: str) -> None:
+    def _remember(
+        self, task_id: str, queue_name: str, submitted: float | None = None
+    ) -> None:
         self._task_queue[task_id] = queue_name
         if len(self._task_queue) > _REMEMBERED_TASKS:
             del self._task_queue[next(iter(self._task_queue))]
+        if submitted is not None:
+            self._submitted[task_id] = submitted
+            if len(self._submitted) > _REMEMBERED_TASKS:
+                del self._submitted[next(iter(self._submitted))]
 
     async def cancel_task(self, task_id: str, *, queue_name: str | None = None) -> bool:
         """Cancel a task. A queued, deferred or retry-waiting task is cancelled

@@ -54,6 +54,7 @@ class Reads:
     key_prefix: str
     task_expiry_seconds: int
     _task_queue: dict[str, str]
+    _submitted: dict[str, float]
     _waiters: Waiters | None
 
     @property
@@ -165,13 +166,24 @@ class Reads:
             if info.status.finished:
                 return info
         waiters = cast(Waiters, self._waiters)
+        channel = self._queues_keys(queue).finished_channel
         state = "unknown"
         try:
             async with asyncio.timeout(timeout):
+                submitted = self._submitted.get(task_id)
+                if (
+                    submitted is not None
+                    and waiters.heard_since(channel, submitted)
+                    and not waiters.ended_lately(queue, task_id)
+                ):
+                    # Its end cannot have passed unheard: wait before reading.
+                    future = waiters.register(queue, task_id)
+                    try:
+                        await future
+                    finally:
+                        waiters.discard(queue, task_id, future)
                 # Subscribed first, then read: an end in between is not missed.
-                await waiters.subscribe(
-                    queue, self._queues_keys(queue).finished_channel
-                )
+                await waiters.subscribe(queue, channel)
                 while True:
                     future = waiters.register(queue, task_id)
                     try:

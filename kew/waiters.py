@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ import redis.exceptions as rex
 __all__ = ["Waiters"]
 
 logger = logging.getLogger(__name__)
+
+_ENDED_REMEMBERED = 10_000
 
 
 class Waiters:
@@ -42,7 +45,10 @@ class Waiters:
             set
         )
         self._confirmed: dict[str, asyncio.Event] = {}
+        self._confirmed_at: dict[str, float] = {}
         self._handlers: dict[str, Callable[[str], object]] = {}
+        self._ended: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """Tasks whose end was heard lately, waiters or not (bounded)."""
 
     def register(self, queue: str, task_id: str) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -56,7 +62,20 @@ class Waiters:
             if not futures:
                 del self._futures[(queue, task_id)]
 
+    def heard_since(self, channel: str, moment: float) -> bool:
+        """Has the channel been subscribed, without a break, since `moment`
+        (time.monotonic)? Then every end of a task submitted after it was
+        heard here, and a waiter need not read the task before waiting."""
+        confirmed = self._confirmed_at.get(channel)
+        return confirmed is not None and confirmed <= moment
+
+    def ended_lately(self, queue: str, task_id: str) -> bool:
+        return (queue, task_id) in self._ended
+
     def notify(self, queue: str, task_id: str) -> None:
+        self._ended[(queue, task_id)] = None
+        if len(self._ended) > _ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
         for future in self._futures.pop((queue, task_id), ()):
             if not future.done():
                 future.set_result(None)
@@ -97,6 +116,7 @@ class Waiters:
                 # message published meanwhile is gone (pub/sub keeps nothing),
                 # so every waiter is woken to read its task's status again.
                 logger.warning("lost the task-finished subscription (%s)", exc)
+                self._confirmed_at.clear()
                 self.wake_all()
                 await asyncio.sleep(0.1)
                 continue
@@ -104,6 +124,9 @@ class Waiters:
                 continue
             channel = message["channel"]
             if message["type"] == "subscribe":
+                # Also after a reconnection: what was published in the gap
+                # is lost, so the channel has been heard only since now.
+                self._confirmed_at[channel] = time.monotonic()
                 event = self._confirmed.get(channel)
                 if event is not None:
                     event.set()
