@@ -321,3 +321,23 @@ async def serve(
 async def cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+Command = Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]
+
+
+def run(
+    commands: dict[str, Command],
+    serve_forever: Callable[[argparse.Namespace], Awaitable[None]],
+) -> None:
+    """A runner's entry point: `serve` runs the worker until stopped; the other
+    commands run one scenario step and print its JSON result."""
+
+    async def main() -> None:
+        args = parse_args()
+        if args.command == "serve":
+            await serve_forever(args)
+            return
+        emit(await commands[args.command](args))
+
+    asyncio.run(main())

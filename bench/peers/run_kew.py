@@ -11,7 +11,6 @@ so submissions are checked against the signature, as in an application.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 from typing import Any
 
@@ -112,14 +111,8 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
         common.stop_server(server)
 
 
-async def main() -> None:
-    args = common.parse_args()
-    if args.command == "serve":
-        await serve(args)
-        return
-    commands = {"submit": submit, "work": work, "latency": latency}
-    common.emit(await commands[args.command](args))
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    common.run(
+        {"submit": submit, "work": work, "latency": latency},
+        serve,
+    )

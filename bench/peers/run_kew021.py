@@ -117,14 +117,8 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
         await manager.shutdown()
 
 
-async def main() -> None:
-    args = common.parse_args()
-    if args.command == "serve":
-        await common.serve(lambda: start_worker(args), stop_worker)
-        return
-    commands = {"submit": submit, "work": work, "latency": latency}
-    common.emit(await commands[args.command](args))
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    common.run(
+        {"submit": submit, "work": work, "latency": latency},
+        lambda args: common.serve(lambda: start_worker(args), stop_worker),
+    )

@@ -89,14 +89,8 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
         common.stop_server(server)
 
 
-async def main() -> None:
-    args = common.parse_args()
-    if args.command == "serve":
-        await common.serve(lambda: start_worker(args), common.cancel)
-        return
-    commands = {"submit": submit, "work": work, "latency": latency}
-    common.emit(await commands[args.command](args))
-
-
 if __name__ == "__main__":
-    asyncio.run(main())
+    common.run(
+        {"submit": submit, "work": work, "latency": latency},
+        lambda args: common.serve(lambda: start_worker(args), common.cancel),
+    )
