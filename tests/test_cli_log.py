@@ -105,18 +105,25 @@ async def test_tail_filters_by_type(
 async def test_replay_shows_the_queue_as_of_an_instant(
     workload: TaskQueueManager, redis_url: str, prefix: str
 ) -> None:
-    """kew replay folds the log up to the given time."""
-    history = await workload.get_task_history("ok0")
+    """kew replay folds the log up to the given time.
+
+    A task deferred by an hour cannot start, so as of its submission it is
+    queued whatever the timing; it is cancelled afterwards, so now it is not.
+    """
+    await workload.submit_task("later", "q", ok, 9, _defer_by=3600)
+    await workload.cancel_task("later")
+    history = await workload.get_task_history("later")
     at = history[0].time.isoformat()
     done = kew(redis_url, prefix, "replay", "q", "--as-of", at, "--json")
     assert done.returncode == 0, done.stderr
     then = json.loads(done.stdout)
-    assert then["completed_tasks"] == 0
-    assert then["queued_tasks"] >= 1
+    assert (then["completed_tasks"], then["scheduled_tasks"]) == (3, 1)
+    assert then["cancelled_tasks"] == 0
     now = json.loads(
         kew(redis_url, prefix, "replay", "q", "--as-of", "now", "--json").stdout
     )
-    assert now["completed_tasks"] == 3
+    assert (now["completed_tasks"], now["scheduled_tasks"]) == (3, 0)
+    assert now["cancelled_tasks"] == 1
     bad_time = kew(redis_url, prefix, "replay", "q", "--as-of", "yesterday")
     assert bad_time.returncode == 2
     assert "not a time" in bad_time.stderr
