@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -32,6 +33,11 @@ def kew(
         timeout=TIMEOUT,
         check=False,
     )
+
+
+async def server_ms(manager: TaskQueueManager) -> int:
+    seconds, micros = await manager.client.time()
+    return seconds * 1000 + micros // 1000
 
 
 async def ok(n: int) -> int:
@@ -111,9 +117,14 @@ async def test_replay_shows_the_queue_as_of_an_instant(
     queued whatever the timing; it is cancelled afterwards, so now it is not.
     """
     await workload.submit_task("later", "q", ok, 9, _defer_by=3600)
+    submitted = (await workload.get_task_history("later"))[0]
+    # The log's clock is the server's, in milliseconds: cancel in a later one.
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while await server_ms(workload) <= submitted.ms:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
     await workload.cancel_task("later")
-    history = await workload.get_task_history("later")
-    at = history[0].time.isoformat()
+    at = submitted.time.isoformat()
     done = kew(redis_url, prefix, "replay", "q", "--as-of", at, "--json")
     assert done.returncode == 0, done.stderr
     then = json.loads(done.stdout)
