@@ -21,7 +21,9 @@ from kew.events import (
     decode,
     encode,
 )
+from kew.events import models as models_module
 from kew.events.log import read
+from kew.events.models import EVENT_TYPES, TaskEvent
 from kew.keys import QueueKeys
 from kew.projections import TaskState, apply, fold, fold_queue
 
@@ -226,3 +228,21 @@ async def test_queue_creation_is_logged(
     (event,) = await _events(client, prefix)
     assert event.type == "queue.configured"
     assert getattr(event, "config")["max_workers"] == 3  # noqa: B009
+
+
+def test_every_event_model_is_in_the_discriminated_union() -> None:
+    """Each event model is a member of the union on `type`, so decoding its
+    fields yields that model and not a plain Event."""
+
+    def models(base: type[Event]) -> list[type[Event]]:
+        found: list[type[Event]] = []
+        for sub in base.__subclasses__():
+            found += [sub, *models(sub)]
+        return found
+
+    concrete = [m for m in models(Event) if m is not TaskEvent]
+    assert concrete
+    for model in concrete:
+        name = model.model_fields["type"].default
+        assert EVENT_TYPES.get(name) is model, name
+        assert model.__name__ in models_module.__all__

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pydantic_core
 
-from kew.events.models import ENVELOPE, EVENT_TYPES, Event
+from kew.events.models import ENVELOPE, EVENT_TYPES, KNOWN_EVENT, Event
 
 __all__ = ["UPCASTERS", "decode", "encode"]
 
@@ -36,10 +36,12 @@ def decode(entry_id: str, fields: Mapping[str, str]) -> Event:
     )
     raw.update(fields)  # the envelope's fields win over data's; "data" is ignored
     raw["id"] = entry_id
-    model = EVENT_TYPES.get(str(raw.get("type", "")), Event)
+    model = EVENT_TYPES.get(str(raw.get("type", "")))
+    if model is None:
+        return Event.model_validate(raw)
     if int(raw.get("v", 1)) < model.VERSION:
         raw = _upcast(raw, model)
-    return model.model_validate(raw)
+    return KNOWN_EVENT.validate_python(raw)
 
 
 def _upcast(raw: dict[str, Any], model: type[Event]) -> dict[str, Any]:

@@ -25,15 +25,18 @@ Redis server's clock assigned when the event was appended.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
+    "EVENT_TYPES",
+    "KNOWN_EVENT",
     "BreakerClosed",
     "BreakerHalfOpened",
     "BreakerOpened",
     "Event",
+    "KnownEvent",
     "QueueConfigured",
     "TaskCancelRequested",
     "TaskCancelled",
@@ -249,26 +252,34 @@ class QueueConfigured(Event):
     config: dict[str, Any]
 
 
+KnownEvent = Annotated[
+    TaskSubmitted
+    | TaskEnqueued
+    | TaskStarted
+    | TaskSucceeded
+    | TaskFailed
+    | TaskRetryScheduled
+    | TaskCancelRequested
+    | TaskCancelled
+    | BreakerOpened
+    | BreakerHalfOpened
+    | BreakerClosed
+    | TaskReclaimed
+    | TaskInterrupted
+    | TaskReleased
+    | TaskDeadLettered
+    | TaskRequeued
+    | TaskLost
+    | QueueConfigured,
+    Field(discriminator="type"),
+]
+"""Every event type this version of kew knows, discriminated on `type`."""
+
+KNOWN_EVENT: TypeAdapter[KnownEvent] = TypeAdapter(KnownEvent)
+"""Validates the fields of a known event into its model, chosen by `type`."""
+
 EVENT_TYPES: dict[str, type[Event]] = {
     model.model_fields["type"].default: model
-    for model in (
-        TaskSubmitted,
-        TaskEnqueued,
-        TaskStarted,
-        TaskSucceeded,
-        TaskFailed,
-        TaskRetryScheduled,
-        TaskCancelRequested,
-        TaskCancelled,
-        BreakerOpened,
-        BreakerHalfOpened,
-        BreakerClosed,
-        TaskReclaimed,
-        TaskInterrupted,
-        TaskReleased,
-        TaskDeadLettered,
-        TaskRequeued,
-        TaskLost,
-        QueueConfigured,
-    )
+    for model in get_args(get_args(KnownEvent)[0])
 }
+"""The model of each known type, for its schema version."""
