@@ -1,7 +1,7 @@
 """The task projection: a task's current state, folded from its events.
 
 `apply` is a pure function `(state, event) -> state`. The Lua library writes
-the same fields inline (kew/lua/kew.lua), and `to_hash` renders a state exactly
+the same fields inline (kew/lua/*.lua), and `to_hash` renders a state exactly
 as the task hash stores it, so a stored hash and a fold of the log can be
 compared field by field. JSON-valued fields (`args`, `result`) compare by value,
 because a round trip through JSON may change their spelling, never their value.
