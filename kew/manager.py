@@ -283,6 +283,9 @@ class TaskQueueManager(Reads):
             keys.queue_keys,
             [self.identity, encoded, *fields],
         )
+        # The directory is one key for all queues, outside this queue's hash
+        # tag (and Cluster slot), so the function cannot write it; it only
+        # lists names, and every create_queue writes it again.
         await guarded(
             client.hset(queue_directory(self.key_prefix), config.name, encoded)
         )
