@@ -35,6 +35,10 @@ CONSUMER = textwrap.dedent(
     import kew
     from kew import TaskQueueManager
 
+    @kew.task(name="cleanup.quick")
+    async def quick() -> str:
+        return "quick"
+
     @kew.task(name="cleanup.forever")
     async def forever() -> None:
         await asyncio.Event().wait()
@@ -88,6 +92,11 @@ async def _name(process: subprocess.Popen[str]) -> str:
     return line.strip()
 
 
+async def _kill(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(process.wait, DEADLINE)
+
+
 async def _consumers(client: aioredis.Redis, keys: QueueKeys) -> dict[str, int]:
     """Consumer name -> entries it holds, over the queue's ready streams."""
     held: dict[str, int] = {}
@@ -110,6 +119,14 @@ async def test_cleanup_on_start_removes_dead_idle_consumers_and_keeps_held_work(
     # A long lease, so that nobody takes the held task over during the test.
     await submitter.create_queue(QueueConfig(name="q", lease_seconds=600))
 
+    # The idle one first: it runs a task (so it is a member of the group) and
+    # is killed holding nothing.
+    idling = spawn()
+    idler = await _name(idling)
+    await submitter.submit_task("done", "q", "cleanup.quick")
+    assert (await submitter.wait_for_task("done", DEADLINE)).result == "quick"
+    await _kill(idling)
+
     holding = spawn()
     holder = await _name(holding)
     await submitter.submit_task("held", "q", "cleanup.forever")
@@ -117,12 +134,8 @@ async def test_cleanup_on_start_removes_dead_idle_consumers_and_keeps_held_work(
     async def running() -> bool:
         return (await submitter.get_task_status("held")).status.value == "processing"
 
-    await eventually(running, what="the first consumer to start the task")
-    idling = spawn()
-    idler = await _name(idling)
-    for process in (holding, idling):
-        process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(process.wait, DEADLINE)
+    await eventually(running, what="the second consumer to start the task")
+    await _kill(holding)
 
     # Their liveness keys live as long as a lease: delete them, as their expiry
     # would, instead of waiting ten minutes.
