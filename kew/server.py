@@ -21,6 +21,11 @@ Invariants:
   the recorded server if that pid is alive *and* its command line names the
   directory's socket (so a process that reused the pid is left alone), then
   removes the directory. A run directory whose owner is alive is never touched.
+- A server keeps its address across restarts: `restart()`, `stop(keep_address=
+  True)` followed by `start()`, and a `start()` after the server died on its
+  own all launch the new process in the same run directory, on the same socket,
+  so connected clients reconnect to the same URL. The directory goes when
+  `stop()` is called without `keep_address`, or at exit.
 - Socket paths stay under 104 bytes, the smallest `sun_path` among supported
   systems (macOS); a temp dir too deep for that falls back to `/tmp`.
 
@@ -83,6 +88,7 @@ _POLL_INTERVAL = 0.01
 _LOG_TAIL_LINES = 20
 _REAP_TIMEOUT = 5.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_FSYNC_POLICIES = ("always", "everysec", "no")
 
 
 def find_server_binary() -> Path:
@@ -138,8 +144,13 @@ class EmbeddedServer:
 
     Args:
         binary: the server executable; by default `find_server_binary()`.
-        persistent_dir: keep the data there in an append-only file (fsync every
-            second), so it survives a restart; by default nothing is persisted.
+        persistent_dir: keep the data there in an append-only file, so it
+            survives a restart; by default nothing is persisted.
+        appendfsync: when the append-only file is flushed to disk: "everysec"
+            (the default: a crash of the server, or of the machine, may lose
+            the last second of writes), "always" (before each reply: nothing
+            the server acknowledged is lost even to a SIGKILL, at the cost of
+            an fsync per write) or "no" (when the OS decides).
         startup_timeout: seconds to wait for the first PONG.
     """
 
@@ -148,14 +159,22 @@ class EmbeddedServer:
         binary: Path | None = None,
         *,
         persistent_dir: Path | None = None,
+        appendfsync: str = "everysec",
         startup_timeout: float = 10.0,
     ) -> None:
         if startup_timeout <= 0:
             message = f"startup_timeout must be positive, got {startup_timeout!r}."
             raise ConfigurationError(message)
+        if appendfsync not in _FSYNC_POLICIES:
+            message = (
+                f"appendfsync={appendfsync!r} is not a policy the server knows; "
+                f"use one of {', '.join(_FSYNC_POLICIES)}."
+            )
+            raise ConfigurationError(message)
 
         self._binary = binary
         self._persistent_dir = persistent_dir
+        self._appendfsync = appendfsync
         self._startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._run_dir: Path | None = None
@@ -183,7 +202,9 @@ class EmbeddedServer:
     def start(self) -> str:
         """Launch the server, wait until it answers PING and return its URL.
 
-        Does nothing but return the URL if the server is already running. Must
+        Does nothing but return the URL if the server is already running. A
+        server stopped with `keep_address=True`, or one that died on its own,
+        is started again on the same socket, so its URL does not change. Must
         be called from a long-lived thread (see the class docstring).
 
         Raises:
@@ -191,17 +212,35 @@ class EmbeddedServer:
             ServerError: the server exited or stayed silent past
                 `startup_timeout`; the message holds the end of its log.
         """
+        if self._owner_pid is not None and self._owner_pid != os.getpid():
+            # A forked child's copy: that server and its directory are the
+            # parent's, to be left alone.
+            self._process = self._run_dir = self._owner_pid = None
         if self.running:
             assert self.url is not None
             return self.url
-        self.stop()  # a server that died on its own leaves a run dir behind
+        if self._process is not None:
+            _terminate(self._process, timeout=1.0)  # reaps one that died
+            self._process = None
+        run_dir = self._run_dir
+        if run_dir is not None and not run_dir.is_dir():
+            self.stop()  # someone removed the directory: start afresh
+            run_dir = None
 
-        binary = self._binary if self._binary is not None else find_server_binary()
-        base = _run_base()
-        _reap_stale_run_dirs(base)
-        run_dir = Path(
-            tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
-        )
+        try:
+            binary = self._binary if self._binary is not None else find_server_binary()
+            base = _run_base()
+            _reap_stale_run_dirs(base)
+        except BaseException:
+            self.stop()
+            raise
+        if run_dir is None:
+            run_dir = Path(
+                tempfile.mkdtemp(prefix=f"{_RUN_DIR_PREFIX}{os.getpid()}-", dir=base)
+            )
+        else:
+            # The old server may have died without removing its socket.
+            (run_dir / _SOCKET_NAME).unlink(missing_ok=True)
         command = self._command(binary, run_dir)
         process: subprocess.Popen[bytes] | None = None
         try:
@@ -211,12 +250,15 @@ class EmbeddedServer:
         except BaseException:
             if process is not None:
                 _terminate(process, timeout=1.0)
+            self._run_dir = self._owner_pid = None
+            atexit.unregister(self._stop_at_exit)
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
         self._process = process
         self._run_dir = run_dir
         self._owner_pid = os.getpid()
+        atexit.unregister(self._stop_at_exit)  # registered once, however often
         atexit.register(self._stop_at_exit)
         logger.info(
             "Embedded server started: %s, pid %d, socket %s",
@@ -227,25 +269,40 @@ class EmbeddedServer:
 
         return f"unix://{run_dir / _SOCKET_NAME}"
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(
+        self, timeout: float = 5.0, *, keep_address: bool = False, kill: bool = False
+    ) -> None:
         """Stop the server and remove its run directory; safe to call twice.
 
         Sends SIGTERM, then SIGKILL if the server has not exited after
-        `timeout` seconds.
+        `timeout` seconds; with `kill`, SIGKILL at once (a crash: the server
+        writes nothing more, so only what `appendfsync` already flushed
+        survives). With `keep_address` the run directory stays, and the next
+        `start()` listens on the same socket; `url` keeps returning it.
         """
         process, run_dir = self._process, self._run_dir
-        self._process = self._run_dir = self._owner_pid = None
-        atexit.unregister(self._stop_at_exit)
+        self._process = None
+        if not keep_address:
+            self._run_dir = self._owner_pid = None
+            atexit.unregister(self._stop_at_exit)
 
         if process is not None:
+            if kill and process.poll() is None:
+                process.kill()
             _terminate(process, timeout)
             logger.info(
                 "Embedded server stopped: pid %d, exit status %s",
                 process.pid,
                 process.returncode,
             )
-        if run_dir is not None:
+        if run_dir is not None and not keep_address:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+    def restart(self, timeout: float = 5.0, *, kill: bool = False) -> str:
+        """Stop the server (as `stop` does, `kill` included) and start it
+        again on the same socket; return its URL, which has not changed."""
+        self.stop(timeout, keep_address=True, kill=kill)
+        return self.start()
 
     def __enter__(self) -> Self:
         self.start()
@@ -271,7 +328,7 @@ class EmbeddedServer:
         else:
             data_dir = self._persistent_dir.absolute()
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
+            persistence = ["--appendonly", "yes", "--appendfsync", self._appendfsync]
 
         # argv[0] stays as given, symlink and all: Debian's redis-server is a
         # link to redis-check-rdb, which picks its role from the name it runs as.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from kew.errors import ServerError, ServerNotFoundError
+from kew.errors import ConfigurationError, ServerError, ServerNotFoundError
 from kew.server import EmbeddedServer, find_server_binary
 
 if TYPE_CHECKING:
@@ -199,6 +199,81 @@ def test_persistent_dir_keeps_data_across_restarts(tmp_base: Path) -> None:
         assert server.url is not None
         with redis.Redis(unix_socket_path=str(socket_of(server.url))) as client:
             assert client.xlen("kewtest:log") == 1
+
+
+def test_restart_keeps_the_address_and_acknowledged_writes(tmp_base: Path) -> None:
+    """restart(kill=True) with appendfsync always: same URL, every acked write kept."""
+    server = EmbeddedServer(persistent_dir=tmp_base / "data", appendfsync="always")
+    url = server.start()
+    first_pid = server.pid
+    run_dir = socket_of(url).parent
+    try:
+        with redis.Redis(unix_socket_path=str(socket_of(url))) as client:
+            assert client.config_get("appendfsync") == {"appendfsync": "always"}
+            for i in range(100):
+                client.xadd("kewtest:log", {"n": i})
+
+        assert server.restart(kill=True) == url
+        assert server.url == url
+        assert server.running
+        assert server.pid != first_pid
+        assert process_gone(first_pid or 0)
+        owner = (run_dir / "owner").read_text()
+        assert owner == f"owner={os.getpid()}\nserver={server.pid}\n"
+        with redis.Redis(unix_socket_path=str(socket_of(url))) as client:
+            assert client.xlen("kewtest:log") == 100
+    finally:
+        server.stop()
+    assert not run_dir.exists()
+
+
+def test_stop_keeping_the_address_then_start(tmp_base: Path) -> None:
+    """stop(keep_address=True) keeps the run dir and URL; start() serves there."""
+    server = EmbeddedServer()
+    url = server.start()
+    old_pid = server.pid
+    assert old_pid is not None
+    run_dir = socket_of(url).parent
+
+    server.stop(keep_address=True)
+    assert not server.running
+    assert server.pid is None
+    assert server.url == url
+    assert run_dir.is_dir()
+    assert process_gone(old_pid)
+    with EmbeddedServer():  # another start() reaps nothing of a live owner
+        assert run_dir.is_dir()
+
+    assert server.start() == url
+    with redis.Redis(unix_socket_path=str(socket_of(url))) as client:
+        assert client.ping()
+    server.stop()
+    assert not run_dir.exists()
+
+
+def test_start_after_the_server_died_reuses_the_address(tmp_base: Path) -> None:
+    """A server killed behind kew's back is started again on the same socket."""
+    server = EmbeddedServer()
+    url = server.start()
+    old_pid = server.pid
+    assert old_pid is not None
+    try:
+        os.kill(old_pid, signal.SIGKILL)
+        assert wait_for(lambda: not server.running)
+
+        assert server.start() == url
+        assert server.pid != old_pid
+        with redis.Redis(unix_socket_path=str(socket_of(url))) as client:
+            assert client.ping()
+    finally:
+        server.stop()
+    assert not socket_of(url).parent.exists()
+
+
+def test_unknown_appendfsync_policy_is_refused() -> None:
+    """An appendfsync value the server does not know raises ConfigurationError."""
+    with pytest.raises(ConfigurationError, match=r"appendfsync='sometimes'"):
+        EmbeddedServer(appendfsync="sometimes")
 
 
 @linux_only
