@@ -117,6 +117,9 @@ class Consumer:
         self._exclusive = asyncio.Lock()
         """Held by fetch and maintain around their call and the bookkeeping of
         its reply, so that maintain always sees every started attempt."""
+        self._lease = config.lease_seconds
+        """The lease renewed within: the shorter of this process's and the
+        queue's stored one, which decides takeovers (kew/lua/40_lease.lua)."""
 
     # -- lifecycle -------------------------------------------------------
 
@@ -460,7 +463,6 @@ class Consumer:
     # -- leases ----------------------------------------------------------
 
     async def _maintain_loop(self) -> None:
-        interval = self.config.lease_seconds / 3
         while not self._stopping:
             try:
                 await self._maintain_once()
@@ -469,7 +471,7 @@ class Consumer:
             # A little jitter keeps many consumers from renewing in lockstep;
             # a task due sooner than the next renewal wakes the loop earlier,
             # and its promotion wakes every consumer waiting for an entry.
-            pause = interval * random.uniform(0.9, 1.0)
+            pause = self._lease / 3 * random.uniform(0.9, 1.0)
             if self._next_due is not None:
                 pause = min(pause, max(self._next_due - time.monotonic(), 0.001))
             self._wake.clear()
@@ -518,9 +520,10 @@ class Consumer:
         return args
 
     def _after_maintain(self, room: int, reply: Any) -> None:
-        lost, rows, cancel, next_due, now = cast(
-            tuple[list[str], list[list[str]], list[str], str, int], reply
+        lost, rows, cancel, next_due, now, lease_ms = cast(
+            tuple[list[str], list[list[str]], list[str], str, int, int], reply
         )
+        self._lease = min(self.config.lease_seconds, int(lease_ms) / 1000)
         self._next_due = None
         self._note_due(next_due, now)
         self.slots.release(room - self._dispatch(rows, int(now), taken_over=True))

@@ -33,8 +33,14 @@ The Python mirror of what these functions write is kew/projections/.
 ]]
 
 local GROUP = '__GROUP__'
--- An idle time that makes an entry reclaimable by anyone at once.
-local IDLE_NOW = '1000000000'
+--[[
+Added to an entry's idle time (XCLAIM IDLE) to make it reclaimable by anyone
+at once; whoever reclaims it subtracts it again, so the idle time it records
+is still the time since the entry's last delivery. 10^12 ms is 31 years: no
+real idle time comes near it, and the delivery time it implies stays after
+1970 (Redis would clamp an earlier one to now).
+]]
+local IDLE_MARK = 1000000000000
 local LEVELS = {'high', 'medium', 'low'}
 local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
 local QUEUE_KEYS = 10
@@ -91,7 +97,9 @@ end
 local function settings(Q)
   local c = redis.call('HMGET', Q.config, 'max_size',
     'circuit_breaker_max_failures', 'circuit_breaker_reset_timeout',
-    'circuit_breaker_trials', 'max_retry_delay', 'max_deliveries')
+    'circuit_breaker_trials', 'max_retry_delay', 'max_deliveries',
+    'lease_seconds')
+  local lease = tonumber(c[7])
   return {
     max_size = tonumber(c[1]) or 0,
     max_failures = tonumber(c[2]) or 3,
@@ -99,6 +107,9 @@ local function settings(Q)
     trials = tonumber(c[4]) or 1,
     max_retry_delay_ms = math.floor((tonumber(c[5]) or 3600) * 1000),
     max_deliveries = tonumber(c[6]) or 5,
+    -- nil for a configuration stored before the lease was: the caller's
+    -- own lease applies then.
+    lease_ms = lease and math.floor(lease * 1000),
   }
 end
 

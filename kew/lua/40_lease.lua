@@ -40,18 +40,33 @@ maintain: a consumer's periodic call. Refreshes its liveness key, promotes due
 tasks, renews the lease on every entry it holds, reports which of them were
 asked to cancel, and takes over entries whose lease lapsed (unless the breaker
 is open), dead-lettering those delivered too often.
+
+The lease that decides a takeover is the queue's stored one (lease_seconds in
+its config hash), not the caller's: processes created with different configs
+of one queue then agree on when an entry has lapsed, and one with a short
+lease cannot take over the running tasks of one that renews on a longer
+lease. The caller's lease serves only a configuration stored before the lease
+was. The lease used is returned, so that each consumer renews at least every
+third of it, whatever its own config says.
+
+Known limitation: when create_queue shortens a queue's stored lease while
+consumers run on the old one, an entry they hold may be taken over once
+before they learn the new lease from their next call (at most a third of
+their old lease later). The attempt is then fenced, as after any takeover.
+
 KEYS: the queue's keys, then the consumer's worker key
-ARGV: consumer, lease ms, liveness ttl ms, liveness value, task key prefix,
-      how many entries it may take over, expiry seconds, finished channel,
-      then per ready stream (high, medium, low): a count n followed by n pairs
-      of held entry id and task id
+ARGV: consumer, lease ms (used if the stored config has none), liveness ttl
+      ms, liveness value, task key prefix, how many entries it may take over,
+      expiry seconds, finished channel, then per ready stream (high, medium,
+      low): a count n followed by n pairs of held entry id and task id
 Returns {lost entry ids, rows (see start_entry), task ids asked to cancel,
-next due time or '', server time}.
+next due time or '', server time, lease ms}.
 ]]
 local function maintain(keys, args)
   local Q = queue(keys)
   local cfg = settings(Q)
-  local consumer, lease, task_prefix = args[1], args[2], args[5]
+  local consumer, task_prefix = args[1], args[5]
+  local lease = cfg.lease_ms or tonumber(args[2])
   local room = tonumber(args[6])
   local env = {consumer = consumer, now = now_ms(), expiry = args[7],
     channel = args[8]}
@@ -74,16 +89,19 @@ local function maintain(keys, args)
     pos = pos + 2 * n + 1
 
     -- Renew what is still ours; report what is not. An entry of ours that
-    -- this consumer does not know of (a read whose reply was lost) is made
-    -- idle at once, so that the reclaim below, or another consumer, runs it.
-    local mine, renew, stray = {}, {}, {}
+    -- this consumer does not know of (a read whose reply was lost) is marked
+    -- idle (IDLE_MARK), so that the reclaim below, or another consumer, runs
+    -- it at once.
+    local mine, renew = {}, {}
     for _, p in ipairs(redis.call('XPENDING', ready, GROUP, '-', '+', 1000000,
         consumer)) do
       mine[p[1]] = true
       if held[p[1]] then
         renew[#renew + 1] = p[1]
       else
-        stray[#stray + 1] = p[1]
+        -- JUSTID: neither a renewal nor this mark counts as a delivery.
+        claim(ready, consumer, {p[1]},
+          {'IDLE', string.format('%d', IDLE_MARK + p[3]), 'JUSTID'})
       end
     end
     for id in pairs(held) do
@@ -91,9 +109,7 @@ local function maintain(keys, args)
         lost[#lost + 1] = id
       end
     end
-    -- JUSTID: a renewal must not count as a delivery.
     claim(ready, consumer, renew, {'JUSTID'})
-    claim(ready, consumer, stray, {'IDLE', IDLE_NOW, 'JUSTID'})
   end
 
   if room > 0 then
@@ -107,6 +123,9 @@ local function maintain(keys, args)
         end
         for _, p in ipairs(idle) do
           local entry_id, owner, idle_ms = p[1], p[2], p[3]
+          if idle_ms >= IDLE_MARK then
+            idle_ms = idle_ms - IDLE_MARK
+          end
           local claimed = redis.call('XCLAIM', ready, GROUP, consumer, lease,
             entry_id)
           room = room - 1
@@ -129,7 +148,7 @@ local function maintain(keys, args)
       end
     end
   end
-  return {lost, rows, cancel, next_due, env.now}
+  return {lost, rows, cancel, next_due, env.now, lease}
 end
 
 --[[
