@@ -5,6 +5,15 @@ function, undecodable arguments, a timeout, a result that is not JSON), ends
 as an Outcome; only the consumer's own cancellation escapes, as it must.
 The function runs in a task of its own (kept in `functions` while it runs), so
 that `cancel_task` can cancel it without cancelling the bookkeeping around it.
+
+A timeout is told apart from a cancellation by the deadline itself
+(`expired()`), not by the exception that comes out: a function that catches
+the cancellation of its timeout and returns, or raises something else, has
+still timed out, and the attempt fails with "Task timed out after Ns".
+
+Known limitations: the deadline cancels the function once. A function that
+catches that cancellation and keeps running is not cancelled again; its
+attempt holds a worker slot until it returns, and then counts as timed out.
 """
 
 from __future__ import annotations
@@ -60,8 +69,9 @@ async def run_attempt(
         )
     run = asyncio.ensure_future(function.run(args, kwargs))
     functions[attempt.task_id] = run
+    deadline = asyncio.timeout(attempt.timeout)
     try:
-        async with asyncio.timeout(attempt.timeout):
+        async with deadline:
             result = await run
     except asyncio.CancelledError:
         current = asyncio.current_task()
@@ -69,18 +79,15 @@ async def run_attempt(
             raise  # this consumer is stopping
         logger.info("task %r cancelled on request", attempt.task_id)
         return Outcome(attempt, "cancelled", "", '{"reason":"cancel_task"}')
-    except TimeoutError as exc:
-        if attempt.timeout is not None and run.cancelled():
-            return _failure(
-                attempt,
-                f"Task timed out after {attempt.timeout:g}s",
-                "TimeoutError",
-            )
-        return _failure(attempt, _describe(exc), _type_name(exc), exc)
     except Exception as exc:
+        if deadline.expired():
+            return _timed_out(attempt, exc)
         return _failure(attempt, _describe(exc), _type_name(exc), exc)
     finally:
         functions.pop(attempt.task_id, None)
+    if deadline.expired():
+        # The function caught the cancellation and returned: still a timeout.
+        return _timed_out(attempt)
     try:
         value = pydantic_core.to_json(result).decode()
     except pydantic_core.PydanticSerializationError as exc:
@@ -99,6 +106,12 @@ async def run_attempt(
         time.perf_counter() - started,
     )
     return Outcome(attempt, "succeeded", value, '{"result":' + value + "}")
+
+
+def _timed_out(attempt: Attempt, exc: BaseException | None = None) -> Outcome:
+    return _failure(
+        attempt, f"Task timed out after {attempt.timeout:g}s", "TimeoutError", exc
+    )
 
 
 def _type_name(exc: BaseException) -> str:

@@ -148,16 +148,24 @@ async def _status_is(
 
 
 async def test_per_task_overrides_of_the_queue_policy(
-    manager: TaskQueueManager,
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
 ) -> None:
-    """max_retries, retry_delay and task_timeout given at submit win."""
+    """max_retries and retry_delay given at submit win over the queue's."""
     flaky = Flaky(failures=1)
     manager.registry.register(flaky, "tests.flaky_override")
-    await manager.create_queue(QueueConfig(name="q"))  # no retries by default
+    # No retries by default, and a default delay of 1 s.
+    await manager.create_queue(QueueConfig(name="q", retry_delay=1.0))
     await manager.submit_task(
         "r", "q", "tests.flaky_override", max_retries=1, retry_delay=0.01
     )
     assert (await manager.wait_for_task("r", 10)).status is TaskStatus.COMPLETED
+    delays = [
+        e.delay_ms
+        for e in await _task_events(client, prefix, "r")
+        if isinstance(e, TaskRetryScheduled)
+    ]
+    assert len(delays) == 1
+    assert 5 <= delays[0] <= 10  # half to all of 10 ms, not of the queue's 1 s
     with pytest.raises(ConfigurationError, match="max_retries=-1"):
         await manager.submit_task("x", "q", "tests.flaky_override", max_retries=-1)
     with pytest.raises(ConfigurationError, match="task_timeout=0"):
@@ -187,11 +195,69 @@ async def test_a_timed_out_attempt_is_cancelled_and_counts_as_a_failure(
     assert info.attempt == 2
     assert cancelled == [1, 1]
 
-    async def quick() -> str:
+    assert await manager.verify_projections("q") == []
+
+
+async def test_a_per_task_timeout_overrides_the_queues(
+    manager: TaskQueueManager,
+) -> None:
+    """A task given task_timeout=30 outlives the queue's 0.1 s timeout: a
+    later task on the default times out while the first is still running."""
+    gate = asyncio.Event()
+
+    async def waits() -> str:
+        await gate.wait()
         return "in time"
 
-    await manager.submit_task("u", "q", quick, task_timeout=5)
-    assert (await manager.wait_for_task("u", 10)).result == "in time"
+    async def hangs() -> None:
+        await asyncio.sleep(3600)
+
+    await manager.create_queue(QueueConfig(name="q", max_workers=2, task_timeout=0.1))
+    await manager.submit_task("long", "q", waits, task_timeout=30)
+    await eventually(
+        lambda: _status_is(manager, "long", TaskStatus.PROCESSING),
+        what="the long task to start",
+    )
+    await manager.submit_task("probe", "q", hangs)
+    probe = await manager.wait_for_task("probe", timeout=10)
+    assert probe.error == "Task timed out after 0.1s"
+    # The long task started first, so it has run longer than 0.1 s by now.
+    assert (await manager.get_task_status("long")).status is TaskStatus.PROCESSING
+    gate.set()
+    info = await manager.wait_for_task("long", timeout=10)
+    assert info.status is TaskStatus.COMPLETED
+    assert info.result == "in time"
+    assert await manager.verify_projections("q") == []
+
+
+async def test_a_timeout_the_task_function_swallows_is_still_a_failure(
+    manager: TaskQueueManager,
+) -> None:
+    """A function that catches the cancellation of its timeout and returns
+    fails with the timeout error; it does not complete."""
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return "I ignore timeouts"
+        return "never"
+
+    async def converts() -> str:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("interrupted") from None
+        return "never"
+
+    await manager.create_queue(QueueConfig(name="q", max_workers=2, task_timeout=0.1))
+    await manager.submit_task("s", "q", stubborn)
+    await manager.submit_task("c", "q", converts)
+    for task_id in ("s", "c"):
+        info = await manager.wait_for_task(task_id, timeout=10)
+        assert info.status is TaskStatus.FAILED, task_id
+        assert info.result is None
+        assert info.error == "Task timed out after 0.1s"
     assert await manager.verify_projections("q") == []
 
 
