@@ -14,13 +14,25 @@ Two redis-py settings are deliberate:
   task while a command waits under that timeout is sometimes swallowed (the
   task goes on running, and `asyncio.run` then never finishes at exit).
   Commands are bounded instead by `asyncio.timeout` in `kew.functions.guarded`.
+
+Every connection carries a client name, `kew:<key prefix>:<manager identity>`
+(CLIENT SETNAME, sent again on each reconnection), so an operator's CLIENT
+LIST shows whose connections they are, and CLIENT KILL can pick them.
+
+Losing the server is survived by the loops that use these clients (fetching,
+renewing leases, listening for ends) with `Reconnect`: capped exponential
+backoff with jitter, one warning when an outage starts and one line when it
+ends, never a warning per retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import re
+import time
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -41,7 +53,15 @@ except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
 else:
     hiredis_pack = cast(_Packer, hiredis.pack_command)  # pyright: ignore[reportUnknownMemberType]
 
-__all__ = ["URL_ENV", "check_server", "make_client", "resolve_url", "safe_url"]
+__all__ = [
+    "URL_ENV",
+    "Reconnect",
+    "check_server",
+    "client_name",
+    "make_client",
+    "resolve_url",
+    "safe_url",
+]
 
 URL_ENV = "KEW_REDIS_URL"
 _SCHEMES = ("redis", "rediss", "unix")
@@ -96,15 +116,28 @@ def _fast_packing(pool: aioredis.ConnectionPool) -> None:
 _FAST_CLASSES: dict[type[Any], type[Any]] = {}
 
 
-def make_client(
-    url: str, *, max_connections: int = 100, blocking: bool = False
-) -> aioredis.Redis:
-    """A client with text replies and RESP2 reply shapes.
+def client_name(prefix: str, identity: str) -> str:
+    """The CLIENT SETNAME of a manager's connections: `kew:<prefix>:<identity>`,
+    with anything a client name may not hold (spaces, control characters)
+    replaced by `_`."""
+    return re.sub(r"[^!-~]", "_", f"kew:{prefix}:{identity}")
 
-    A blocking client (for XREADGROUP BLOCK) has one connection and no socket
-    timeout, so a long block is not mistaken for a dead server. Otherwise the
-    pool is capped and callers beyond the cap wait for a connection instead
-    of failing, as the earlier release's did.
+
+def make_client(
+    url: str,
+    *,
+    max_connections: int = 100,
+    blocking: bool = False,
+    name: str | None = None,
+) -> aioredis.Redis:
+    """A client with text replies and RESP2 reply shapes, its connections
+    named `name` (see `client_name`) if given.
+
+    A blocking client (for XREAD BLOCK) has one connection and no socket
+    timeout, so a long block is not mistaken for a dead server; its caller
+    bounds each read with a deadline of its own. Otherwise the pool is capped
+    and callers beyond the cap wait for a connection instead of failing, as
+    the earlier release's did.
     """
     options: dict[str, Any] = {
         "decode_responses": True,
@@ -113,6 +146,8 @@ def make_client(
         "socket_timeout": None,
         "socket_connect_timeout": 10,
     }
+    if name is not None:
+        options["client_name"] = name
     if blocking:
         options |= {"max_connections": 1}
         client = aioredis.Redis.from_url(url, **options)
@@ -170,3 +205,59 @@ async def check_server(client: aioredis.Redis) -> str:
             "to use the embedded server."
         )
     return version
+
+
+class Reconnect:
+    """When a loop that talks to the server should try again, and what it logs.
+
+    `failed()` returns a capped exponential delay with jitter (half to all of
+    `first * 2**n`, at most `cap` seconds), logs a warning for the first
+    failure of an outage and only a debug line for the next ones; `succeeded()`
+    ends the outage, with one info line saying how long it lasted.
+    """
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        what: str,
+        *,
+        first: float = 0.05,
+        cap: float = 2.0,
+    ) -> None:
+        self._log = log
+        self.what = what
+        """Who does what, e.g. "consumer X: fetch from queue q"."""
+        self._first = first
+        self._cap = cap
+        self._failures = 0
+        self._since: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        """Whether an outage is going on (a failure not yet followed by a
+        success)."""
+        return self._since is not None
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failed round; return the seconds to wait before the next."""
+        if self._since is None:
+            self._since = time.monotonic()
+            self._log.warning("%s failed (%s); retrying with backoff", self.what, exc)
+        else:
+            self._log.debug("%s failed again (%s)", self.what, exc)
+        delay = min(self._cap, self._first * 2**self._failures)
+        self._failures = min(self._failures + 1, 32)
+        return delay * random.uniform(0.5, 1.0)
+
+    def succeeded(self) -> None:
+        """Note a successful round, which ends an outage if there was one."""
+        if self._since is None:
+            return
+        self._log.info(
+            "%s works again, after %.1f s and %d failed attempts",
+            self.what,
+            time.monotonic() - self._since,
+            self._failures,
+        )
+        self._since = None
+        self._failures = 0

@@ -25,7 +25,13 @@ from opentelemetry.trace import TracerProvider
 from kew import functions
 from kew.attempts import Attempt
 from kew.audit import Archive, apply_retention, import_lines
-from kew.connection import check_server, make_client, resolve_url, safe_url
+from kew.connection import (
+    check_server,
+    client_name,
+    make_client,
+    resolve_url,
+    safe_url,
+)
 from kew.consumer import Consumer
 from kew.errors import (
     ConfigurationError,
@@ -180,7 +186,11 @@ class TaskQueueManager(Reads):
         if url is None:
             self._server = EmbeddedServer()
             url = self._server.start()
-        client = make_client(url, max_connections=self.max_connections)
+        client = make_client(
+            url,
+            max_connections=self.max_connections,
+            name=client_name(self.key_prefix, self.identity),
+        )
         try:
             version = await check_server(client)
             await functions.load(client)
@@ -316,7 +326,9 @@ class TaskQueueManager(Reads):
         assert self.redis_url is not None or self._server is not None
         url = self.redis_url or cast(EmbeddedServer, self._server).url
         assert url is not None
-        queue.blocking_client = make_client(url, blocking=True)
+        queue.blocking_client = make_client(
+            url, blocking=True, name=client_name(self.key_prefix, self.identity)
+        )
         config = queue.config
         consumer = Consumer(
             client=self.client,
