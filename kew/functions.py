@@ -117,15 +117,16 @@ def translate_redis_error(exc: BaseException) -> KewError:
     """The one place a redis-py error becomes a kew error."""
     if isinstance(exc, KewError):
         return exc
-    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
-        return ConnectionFailedError(
-            f"Cannot reach the Redis server ({exc}). Check that it is running and "
-            "that the URL (redis_url or KEW_REDIS_URL) is right."
-        )
+    # redis-py's authentication errors are ConnectionErrors: test them first.
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return ConnectionFailedError(
             f"The Redis server refused kew's credentials ({exc}). Put the user and "
             "password in the URL: redis://user:password@host:6379/0."
+        )
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        return ConnectionFailedError(
+            f"Cannot reach the Redis server ({exc}). Check that it is running and "
+            "that the URL (redis_url or KEW_REDIS_URL) is right."
         )
     if isinstance(exc, rex.ResponseError) and str(exc).startswith("OOM"):
         return ServerError(

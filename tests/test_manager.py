@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from kew import (
     ConfigurationError,
+    ConnectionFailedError,
     KewError,
     QueueAlreadyExistsError,
     QueueConfig,
@@ -404,3 +405,16 @@ async def test_bad_expiry_and_url_are_rejected() -> None:
         TaskQueueManager(task_expiry_seconds=0)
     with pytest.raises(ConfigurationError, match="not a Redis URL"):
         TaskQueueManager(redis_url="http://localhost:6379")
+
+
+async def test_credentials_the_server_refuses_are_named_as_such(
+    redis_url: str, prefix: str
+) -> None:
+    """A user the server does not know gives the credentials error, not the
+    "cannot reach" one (redis-py's AuthenticationError is a ConnectionError)."""
+    scheme, rest = redis_url.split("://", 1)
+    bad_url = f"{scheme}://kewtest-nobody:wrong@{rest.rpartition('@')[2]}"
+    manager = TaskQueueManager(redis_url=bad_url, key_prefix=prefix)
+    with pytest.raises(ConnectionFailedError, match="refused kew's credentials"):
+        await manager.initialize()
+    await manager.shutdown(wait=False)
