@@ -8,8 +8,14 @@ listener for all its channels. A task that ends in this very process wakes its
 waiters directly, before the message comes back from the server.
 
 A waiter woken for any reason reads the task's status and waits again if the
-task has not ended; the listener wakes all waiters after it lost its connection,
-because pub/sub does not keep what was published meanwhile.
+task has not ended. Pub/sub keeps nothing that was published while the
+connection was down, so after losing it the listener reconnects (capped
+exponential backoff, one warning per outage, see `kew.connection.Reconnect`)
+and, as soon as the server confirms a channel again, wakes every waiter of
+that channel's queue to read its task's status. Waking them earlier, while the
+server is unreachable or before the subscription is back, would make them read
+too soon: an end published after that read and before the confirmation would
+go unheard.
 
 Order matters: a waiter registers its future and waits until the subscription
 is confirmed *before* it reads the task's status, so an outcome recorded in
@@ -29,6 +35,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 
+from kew.connection import Reconnect
+
 __all__ = ["Waiters"]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,10 @@ class Waiters:
         self._confirmed: dict[str, asyncio.Event] = {}
         self._confirmed_at: dict[str, float] = {}
         self._handlers: dict[str, Callable[[str], object]] = {}
+        self._channel_queue: dict[str, str] = {}
+        """Finished channel -> its queue."""
+        self._resubscribing: set[str] = set()
+        """Channels lost with the connection, not confirmed again yet."""
         self._ended: OrderedDict[tuple[str, str], None] = OrderedDict()
         """Tasks whose end was heard lately, waiters or not (bounded)."""
 
@@ -86,9 +98,15 @@ class Waiters:
         for key in list(self._futures):
             self.notify(*key)
 
+    def _wake_queue(self, queue: str | None) -> None:
+        """Wake the waiters of one queue's tasks (see `wake_all`)."""
+        for key in [key for key in self._futures if key[0] == queue]:
+            self.notify(*key)
+
     async def subscribe(self, queue: str, channel: str) -> None:
         """Subscribe to a queue's finished channel; return once the server
         confirmed it."""
+        self._channel_queue[channel] = queue
         await self.listen(channel, lambda task_id: self.notify(queue, task_id))
 
     async def listen(self, channel: str, handler: Callable[[str], object]) -> None:
@@ -108,18 +126,19 @@ class Waiters:
         await event.wait()
 
     async def _listen(self) -> None:
+        reconnect = Reconnect(
+            logger, "the task-finished subscription", first=0.1, cap=5.0
+        )
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except (rex.RedisError, OSError) as exc:
-                # redis-py reconnects and resubscribes on the next read. A
-                # message published meanwhile is gone (pub/sub keeps nothing),
-                # so every waiter is woken to read its task's status again.
-                logger.warning("lost the task-finished subscription (%s)", exc)
+                # redis-py reconnects and resubscribes on the next read.
                 self._confirmed_at.clear()
-                self.wake_all()
-                await asyncio.sleep(0.1)
+                self._resubscribing.update(self._confirmed)
+                await asyncio.sleep(reconnect.failed(exc))
                 continue
+            reconnect.succeeded()
             if message is None:
                 continue
             channel = message["channel"]
@@ -130,6 +149,9 @@ class Waiters:
                 event = self._confirmed.get(channel)
                 if event is not None:
                     event.set()
+                if channel in self._resubscribing:
+                    self._resubscribing.discard(channel)
+                    self._wake_queue(self._channel_queue.get(channel))
             elif message["type"] == "message":
                 handler = self._handlers.get(channel)
                 if handler is not None:
