@@ -25,6 +25,7 @@ from opentelemetry.trace import TracerProvider
 from kew import functions
 from kew.attempts import Attempt
 from kew.audit import Archive, apply_retention, import_lines
+from kew.closing import LoopGuard
 from kew.connection import (
     check_server,
     client_name,
@@ -163,6 +164,8 @@ class TaskQueueManager(Reads):
             links_only=trace_links_only,
         )
         self._sampler: asyncio.Task[None] | None = None
+        self._guard: LoopGuard | None = None
+        """Shuts down when the event loop ends without `shutdown` (kew.closing)."""
         self._server: EmbeddedServer | None = None
         self._client: aioredis.Redis | None = None
         self._waiters: Waiters | None = None
@@ -208,6 +211,7 @@ class TaskQueueManager(Reads):
             ),
             name="kew metrics sampler",
         )
+        self._guard = LoopGuard(lambda: self.shutdown(wait=False))
         logger.info(
             "kew manager %s connected to %s (server %s, prefix %r)",
             self.identity,
@@ -235,6 +239,8 @@ class TaskQueueManager(Reads):
         if self._closed:
             return
         self._closed = True
+        if self._guard is not None:
+            self._guard.disarm()
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
