@@ -3,6 +3,7 @@
     kew [--redis-url URL] [--prefix PREFIX] [-v] demo [--tasks N] [--workers W]
         [--otlp-endpoint URL]
     kew ... worker --queue NAME [--queue ...] --import MODULE [--import ...]
+        [--redis-url URL] [--prefix PREFIX]
     kew ... dead-letters {list,requeue} QUEUE
 
 Each subcommand is a pair: an `add_<name>(add_parser)` function that declares
@@ -12,17 +13,19 @@ application; the library never does) and turns a `KewError` into one line on
 stderr and exit code 1.
 
 The server is `--redis-url`, else `KEW_REDIS_URL`, else an embedded server that
-lives as long as the command.
+lives as long as the command. `--redis-url` and `--prefix` may come before the
+command or after it (the one after wins).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from kew.cli.base import AddParser, Run
 from kew.cli.demo import add_demo
@@ -55,24 +58,40 @@ def _parser() -> argparse.ArgumentParser:
         description="kew: an asyncio task queue whose source of truth is an event "
         "log in Redis Streams.",
     )
-    parser.add_argument(
-        "--redis-url",
-        metavar="URL",
-        help="the server, e.g. redis://localhost:6379/0 (default: $KEW_REDIS_URL, "
-        "else an embedded server that lives as long as the command)",
-    )
-    parser.add_argument(
-        "--prefix",
-        metavar="PREFIX",
-        help=f"the key prefix (default: ${PREFIX_ENV}, else {DEFAULT_PREFIX!r})",
-    )
+    _add_server_options(parser, default=None)
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log INFO (-vv: DEBUG)"
     )
     subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers.add_parser)
+    # Also after the command (`kew worker --queue Q --redis-url URL`). SUPPRESS
+    # leaves the attribute alone when the option is not repeated there, so a
+    # value given before the command still holds.
+    for subparser in subparsers.choices.values():
+        _add_server_options(subparser, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """--redis-url and --prefix, each unless the parser has its own (`kew
+    import --prefix` names where to load)."""
+    options = (
+        (
+            "--redis-url",
+            "URL",
+            "the server, e.g. redis://localhost:6379/0 (default: $KEW_REDIS_URL, "
+            "else an embedded server that lives as long as the command)",
+        ),
+        (
+            "--prefix",
+            "PREFIX",
+            f"the key prefix (default: ${PREFIX_ENV}, else {DEFAULT_PREFIX!r})",
+        ),
+    )
+    for flag, metavar, text in options:
+        with contextlib.suppress(argparse.ArgumentError):
+            parser.add_argument(flag, metavar=metavar, default=default, help=text)
 
 
 def _configure_logging(verbose: int) -> None:
