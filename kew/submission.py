@@ -290,27 +290,35 @@ def prepare_batch(
                 f"the keys are {sorted(BATCH_KEYS)} (arguments go in 'args' and "
                 "'kwargs')."
             )
-        prepared.append(
-            prepare(
-                registry,
-                task_id=spec["task_id"],
-                task_func=spec["task_func"],
-                args=tuple(spec.get("args", ())),
-                kwargs=dict(spec.get("kwargs", {})),
-                policies=options(
-                    config,
-                    max_retries=spec.get("max_retries"),
-                    retry_delay=spec.get("retry_delay"),
-                    task_timeout=spec.get("task_timeout"),
-                    defer_by=spec.get("_defer_by"),
-                    defer_until=spec.get("_defer_until"),
-                ),
-                task_type=spec.get("task_type"),
-                priority=spec.get("priority"),
-                task_name=spec.get("task_name"),
-            )
-        )
+        try:
+            prepared.append(_prepare_one(registry, config, spec))
+        except KewError as exc:
+            # The same class, so `except` clauses still match, naming the task.
+            raise type(exc)(f"Task {spec['task_id']!r} of the batch: {exc}") from None
     return prepared
+
+
+def _prepare_one(
+    registry: Registry, config: QueueConfig, spec: dict[str, Any]
+) -> Submission:
+    return prepare(
+        registry,
+        task_id=spec["task_id"],
+        task_func=spec["task_func"],
+        args=tuple(spec.get("args", ())),
+        kwargs=dict(spec.get("kwargs", {})),
+        policies=options(
+            config,
+            max_retries=spec.get("max_retries"),
+            retry_delay=spec.get("retry_delay"),
+            task_timeout=spec.get("task_timeout"),
+            defer_by=spec.get("_defer_by"),
+            defer_until=spec.get("_defer_until"),
+        ),
+        task_type=spec.get("task_type"),
+        priority=spec.get("priority"),
+        task_name=spec.get("task_name"),
+    )
 
 
 def _encode(what: str, value: list[Any] | dict[str, Any], name: str) -> str:
@@ -352,13 +360,31 @@ def check_submit_reply(reply: list[str], queue_name: str) -> None:
             ids,
         )
     if status == "full":
-        raise QueueFullError(
-            f"Queue {queue_name!r} is full: {reply[1]} unfinished tasks, "
-            f"max_size={reply[2]}. Wait for tasks to finish, or raise max_size."
-        )
+        raise _full(queue_name, reply)
     if status == "noqueue":
         raise QueueNotFoundError(
             f"Queue {queue_name!r} has no ready streams on the server (deleted by "
             "hand?); create it again with create_queue."
         )
     raise KewError(f"Unexpected reply from the submit function: {reply!r}")
+
+
+def _full(queue_name: str, reply: list[str]) -> QueueFullError:
+    unfinished, max_size = int(reply[1]), int(reply[2])
+    size = int(reply[3]) if len(reply) > 3 else 1
+    left_out = reply[4:]
+    if size == 1:
+        task = f" for task {left_out[0]!r}" if left_out else ""
+        return QueueFullError(
+            f"Queue {queue_name!r} is full: {unfinished} unfinished tasks, "
+            f"max_size={max_size}, no room{task}. Wait for tasks to finish, or "
+            "raise max_size."
+        )
+    room = max(max_size - unfinished, 0)
+    names = ", ".join(repr(i) for i in left_out)
+    return QueueFullError(
+        f"Queue {queue_name!r} cannot take the batch of {size} tasks: it holds "
+        f"{unfinished} unfinished tasks, max_size={max_size}, so {room} more "
+        f"fit and {len(left_out)} do not ({names}); nothing was submitted. "
+        "Submit a smaller batch, wait for tasks to finish, or raise max_size."
+    )

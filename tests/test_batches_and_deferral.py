@@ -425,8 +425,12 @@ async def test_batch_larger_than_the_room_left_is_rejected_whole(
     await manager.create_queue(QueueConfig(name="q", max_workers=1, max_size=3))
     await manager.submit_task("running", "q", held)
     batch = [{"task_id": f"f{i}", "task_func": held} for i in range(3)]
-    with pytest.raises(QueueFullError, match="max_size=3"):
+    with pytest.raises(QueueFullError, match="max_size=3") as caught:
         await manager.submit_tasks("q", batch)
+    message = str(caught.value)
+    assert "batch of 3 tasks" in message
+    assert "1 unfinished" in message
+    assert "2 more fit and 1 do not ('f2')" in message
     await _assert_none_submitted(manager, client, prefix, ["f0", "f1", "f2"])
     assert (await manager.get_queue_status("q"))["queued_tasks"] + (
         await manager.get_queue_status("q")
@@ -470,7 +474,7 @@ async def test_non_json_argument_rejects_the_batch(
         {"task_id": "j3", "task_func": echo, "kwargs": {"value": object()}},
         {"task_id": "j4", "task_func": echo, "args": [4]},
     ]
-    with pytest.raises(SerializationError, match="'value'"):
+    with pytest.raises(SerializationError, match=r"^Task 'j3' of the batch: .*'value'"):
         await manager.submit_tasks("q", batch)
     await _assert_none_submitted(manager, client, prefix, ["j1", "j2", "j3", "j4"])
     assert [e.type for e in await _events(client, prefix)] == ["queue.configured"]
@@ -482,10 +486,11 @@ async def test_non_json_argument_rejects_the_batch(
         {"task_id": "x", "task_func": echo, "args": [1], "priority": 9},
         {"task_id": "x", "task_func": echo, "args": [1], "_defer_by": -1},
         {"task_id": "x", "task_func": echo, "args": [1], "max_retries": -1},
+        {"task_id": "x", "task_func": add, "args": [1, 2, 3]},
         {"task_id": "", "task_func": echo, "args": [1]},
         {"task_func": echo, "args": [1]},
     ],
-    ids=["priority", "defer", "retries", "empty id", "no id"],
+    ids=["priority", "defer", "retries", "arguments", "empty id", "no id"],
 )
 async def test_any_bad_task_rejects_the_batch(
     manager: TaskQueueManager,
@@ -493,12 +498,16 @@ async def test_any_bad_task_rejects_the_batch(
     prefix: str,
     bad: dict[str, Any],
 ) -> None:
-    """A bad option in one dict raises ConfigurationError; the valid tasks of
-    the batch are not submitted."""
+    """A bad option in one dict raises ConfigurationError naming that task; the
+    valid tasks of the batch are not submitted."""
     await manager.create_queue(QueueConfig(name="q"))
     batch = [{"task_id": "fine", "task_func": echo, "args": [0]}, bad]
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as caught:
         await manager.submit_tasks("q", batch)
+    if "task_id" in bad:
+        assert str(caught.value).startswith(f"Task {bad['task_id']!r} of the batch: ")
+    else:
+        assert str(caught.value).startswith("Task 1 of the batch")
     await _assert_none_submitted(manager, client, prefix, ["fine"])
     assert [e.type for e in await _events(client, prefix)] == ["queue.configured"]
 

@@ -8,7 +8,8 @@ ARGV: actor, then per task (12 values):
 `data` is the task.submitted event's data without the due time, which this
 function adds (from the server's clock) for a deferred task.
 Returns {'ok', event id, entry id or '', ...} per task in order, or
-{'noqueue'}, {'exists', ids...}, {'duplicate', ids...}, {'full', n, max}.
+{'noqueue'}, {'exists', ids...}, {'duplicate', ids...} or
+{'full', unfinished, max_size, tasks in the call, ids that do not fit...}.
 ]]
 local SUBMIT_ARGS = 12
 
@@ -40,7 +41,12 @@ local function submit(keys, args)
   local cfg = settings(Q)
   local count = unfinished(Q.stats)
   if cfg.max_size > 0 and count + n > cfg.max_size then
-    return {'full', count, cfg.max_size}
+    -- The tasks of the batch past the room left, so the error can name them.
+    local reply = {'full', count, cfg.max_size, n}
+    for i = math.max(cfg.max_size - count, 0) + 1, n do
+      reply[#reply + 1] = args[2 + (i - 1) * SUBMIT_ARGS]
+    end
+    return reply
   end
 
   local now = now_ms()
