@@ -14,6 +14,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from kew import QueueConfig, TaskQueueManager, TaskStatus
+from kew.events import Event, TaskStarted
 from kew.events.log import read
 from kew.keys import QueueKeys
 
@@ -266,3 +267,84 @@ async def test_a_trial_whose_consumer_dies_does_not_leave_the_breaker_stuck(
     types = [e.type async for e in read(client, QueueKeys(prefix, "q").log)]
     assert "task.reclaimed" in types
     assert await survivor.verify_projections("q") == []
+
+
+def _most_trials_at_once(events: list[Event]) -> int:
+    """The most trial attempts running at one moment, from the log."""
+    running: set[str] = set()
+    most = 0
+    for event in events:
+        if isinstance(event, TaskStarted) and event.trial:
+            running.add(event.task_id or "")
+            most = max(most, len(running))
+        elif event.type in _ATTEMPT_ENDS:
+            running.discard(event.task_id or "")
+    return most
+
+
+_ATTEMPT_ENDS = frozenset(
+    {
+        "task.succeeded",
+        "task.failed",
+        "task.cancelled",
+        "task.interrupted",
+        "task.dead_lettered",
+    }
+)
+
+
+async def test_a_trial_left_from_an_earlier_half_open_period_keeps_its_slot(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """With circuit_breaker_trials=2, one trial fails (the breaker reopens)
+    while the other still runs; in the next half-open period only one new
+    trial starts beside it, so never more than two trials run at once."""
+    hold = asyncio.Event()
+    started: list[str] = []
+
+    async def job(kind: str) -> str:
+        started.append(kind)
+        if kind == "fail":
+            raise RuntimeError("down")
+        if kind == "hold":
+            await hold.wait()
+        return kind
+
+    await manager.create_queue(
+        QueueConfig(
+            name="q",
+            max_workers=5,
+            circuit_breaker_max_failures=1,
+            circuit_breaker_reset_timeout=0.3,
+            circuit_breaker_trials=2,
+        )
+    )
+    await manager.submit_task("first", "q", job, "fail")
+    await manager.wait_for_task("first", 10)
+    assert await _breaker(manager) == "open"
+    # The two trials of the first half-open period: one holds, one fails.
+    await manager.submit_task("held", "q", job, "hold")
+    await manager.submit_task("trial", "q", job, "fail")
+    assert (await manager.wait_for_task("trial", 10)).status is TaskStatus.FAILED
+    assert await _breaker(manager) == "open"
+    assert (await manager.get_task_status("held")).status is TaskStatus.PROCESSING
+
+    for i in range(3):
+        await manager.submit_task(f"later{i}", "q", job, "ok")
+    for i in range(3):
+        done = await manager.wait_for_task(f"later{i}", 10)
+        assert done.status is TaskStatus.COMPLETED
+    assert await _breaker(manager) == "closed"
+    events = [e async for e in read(client, QueueKeys(prefix, "q").log)]
+    assert _most_trials_at_once(events) == 2
+    trials = [e.task_id for e in events if isinstance(e, TaskStarted) and e.trial]
+    assert trials == ["held", "trial", "later0"]
+    # The held trial still counts while it runs, after the breaker closed.
+    assert (await manager.get_queue_status("q"))["circuit_breaker_status"] == "closed"
+    assert await client.hget(QueueKeys(prefix, "q").breaker, "trials") == "1"
+    assert await manager.verify_projections("q") == []
+
+    hold.set()
+    assert (await manager.wait_for_task("held", 10)).status is TaskStatus.COMPLETED
+    assert await client.hget(QueueKeys(prefix, "q").breaker, "trials") == "0"
+    assert await manager.verify_projections("q") == []

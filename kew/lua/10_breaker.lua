@@ -11,10 +11,14 @@ a success resets it to 0. A failed attempt that will be retried does not count
 while the breaker is closed. In half_open, any failed trial attempt reopens the
 breaker, retry or not: the trial's job is to probe, and it found the fault.
 
-A trial is marked on its task (`trial`); a trial that is interrupted, released
-or cancelled gives its slot back, and a trial whose consumer died is reclaimed
-and continues as the same trial (see start_entry), so a lost consumer never
-leaves the breaker stuck half-open.
+A trial is marked on its task (`trial`), and `trials` counts the trial
+attempts running now. It goes down by one at every end of a trial attempt,
+whatever the verdict and whatever the breaker's state by then (succeeded,
+failed, interrupted, cancelled, dead-lettered), and it is never reset: a trial
+of an earlier half-open period that still runs keeps its slot, so at most
+`circuit_breaker_trials` trials run at any moment. A trial whose consumer died
+is reclaimed and continues as the same trial (see start_entry), or ends as a
+dead letter, so a lost consumer never leaves the breaker stuck half-open.
 
 The hash holds state, failures, until, trials, version and last_event, all
 written together; version and last_event move with each breaker.* event.
@@ -44,7 +48,6 @@ end
 local function breaker_open(Q, b, cfg, actor, now, reason)
   b.state = 'open'
   b.until_ms = now + cfg.reset_ms
-  b.trials = 0
   breaker_event(Q, b, 'breaker.opened', actor, '{"reason":' ..
     json_string(reason) .. ',"failures":' .. b.failures .. ',"until":' ..
     b.until_ms .. '}')
@@ -64,7 +67,6 @@ local function breaker_gate(Q, cfg, actor, now)
       return {open = true, until_ms = b.until_ms}
     end
     b.state = 'half_open'
-    b.trials = 0
     breaker_event(Q, b, 'breaker.half_opened', actor, '{}')
     breaker_write(Q, b)
   end
@@ -83,16 +85,19 @@ end
 --[[
 Record an attempt's outcome in the breaker.
 outcome: 'succeeded', 'failed' (final or not) or 'released' (a trial that
-ended without a verdict: interrupted, released, cancelled).
+ended without a verdict: interrupted, released, cancelled). `trial`: the
+attempt was a trial, which frees its slot.
 ]]
 local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial)
   local b = breaker_read(Q)
   local before = b.failures .. b.state .. b.trials
+  if trial and b.trials > 0 then
+    b.trials = b.trials - 1
+  end
   if outcome == 'succeeded' then
     b.failures = 0
     if trial and b.state == 'half_open' then
       b.state = 'closed'
-      b.trials = 0
       b.until_ms = 0
       breaker_event(Q, b, 'breaker.closed', actor,
         '{"reason":"a trial succeeded"}')
@@ -106,8 +111,6 @@ local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial)
     elseif b.state == 'closed' and final and b.failures >= cfg.max_failures then
       breaker_open(Q, b, cfg, actor, now, 'consecutive failures')
     end
-  elseif trial and b.state == 'half_open' and b.trials > 0 then
-    b.trials = b.trials - 1
   end
   if before ~= b.failures .. b.state .. b.trials then
     breaker_write(Q, b)

@@ -108,6 +108,10 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
         'its consumer stopped renewing and the circuit breaker holds it',
         'task.interrupted')
       move(Q.stats, 'processing', 'queued')
+      if trial then
+        redis.call('HDEL', task, 'trial')
+        breaker_outcome(Q, cfg, consumer, now, 'released', false, true)
+      end
     else
       hand_back(Q, ready, task, task_id, entry_id, t, consumer,
         'the circuit breaker holds it', 'task.released')

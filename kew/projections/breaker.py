@@ -2,8 +2,11 @@
 
 It mirrors kew/lua/10_breaker.lua: `failures` counts consecutive final task
 failures (a success resets it), transitions follow the breaker.* events, and
-`trials` counts trial attempts of a half-open breaker that have not ended. The
-hash exists from the first change on; `to_hash` renders it as stored.
+`trials` counts the trial attempts running now: one is added when a trial
+starts and taken away when it ends, whatever its outcome and whatever the
+breaker's state by then (never reset by a transition, so a trial left over
+from an earlier half-open period still holds its slot). The hash exists from
+the first change on; `to_hash` renders it as stored.
 """
 
 from __future__ import annotations
@@ -77,36 +80,35 @@ def _step(b: BreakerState, event: Event, task: TaskState | None) -> BreakerState
             b,
             state="open",
             until=event.until,
-            trials=0,
             version=b.version + 1,
             last_event=event.id,
         )
     if isinstance(event, BreakerHalfOpened):
-        return replace(
-            b, state="half_open", trials=0, version=b.version + 1, last_event=event.id
-        )
+        return replace(b, state="half_open", version=b.version + 1, last_event=event.id)
     if isinstance(event, BreakerClosed):
         return replace(
-            b,
-            state="closed",
-            trials=0,
-            until=0,
-            version=b.version + 1,
-            last_event=event.id,
+            b, state="closed", until=0, version=b.version + 1, last_event=event.id
         )
-    if isinstance(event, TaskSucceeded):
-        return replace(b, failures=0) if b.failures else b
-    if (isinstance(event, TaskFailed) and not event.retry) or isinstance(
+    if isinstance(event, TaskStarted):
+        return replace(b, trials=b.trials + 1) if event.trial and not trial else b
+    after = b
+    if trial and isinstance(event, _TRIAL_ENDS) and b.trials > 0:
+        after = replace(after, trials=b.trials - 1)
+    if isinstance(event, TaskSucceeded) and b.failures:
+        after = replace(after, failures=0)
+    elif (isinstance(event, TaskFailed) and not event.retry) or isinstance(
         event, TaskDeadLettered
     ):
-        return replace(b, failures=b.failures + 1)
-    if isinstance(event, TaskStarted) and event.trial and not trial:
-        return replace(b, trials=b.trials + 1)
-    if (
-        isinstance(event, TaskCancelled | TaskInterrupted)
-        and trial
-        and b.state == "half_open"
-        and b.trials > 0
-    ):
-        return replace(b, trials=b.trials - 1)
-    return b
+        after = replace(after, failures=b.failures + 1)
+    return after
+
+
+_TRIAL_ENDS = (
+    TaskSucceeded,
+    TaskFailed,
+    TaskCancelled,
+    TaskInterrupted,
+    TaskDeadLettered,
+)
+"""The ends of an attempt: each frees the slot of a trial, whatever the
+breaker's state (the breaker's own events never reset `trials`)."""
