@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from kew import QueueConfig, TaskQueueManager, TaskStatus
+from kew.cli import _parser
 from kew.connection import URL_ENV
 from kew.manager import PREFIX_ENV
+from kew.registry import Registry
 
 TIMEOUT = 60.0
 
@@ -114,3 +122,63 @@ def test_demo_without_a_url_uses_the_embedded_server() -> None:
     assert done.returncode == 0, done.stderr
     assert "Server: embedded" in done.stdout
     assert_demo_output(done.stdout)
+
+
+WORKER_TASKS = textwrap.dedent(
+    """\
+    import kew
+
+
+    @kew.task(name="cli.double")
+    async def double(value: int) -> int:
+        return 2 * value
+    """
+)
+
+
+async def test_worker_takes_the_server_and_prefix_after_the_command(
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    make_manager: Callable[..., Awaitable[TaskQueueManager]],
+) -> None:
+    """`kew worker --queue Q --import M --redis-url URL --prefix P` runs Q's tasks."""
+    (tmp_path / "cli_tasks.py").write_text(WORKER_TASKS)
+    submitter = await make_manager(consume=False, registry=Registry())
+    await submitter.create_queue(QueueConfig(name="q"))
+    env = {k: v for k, v in os.environ.items() if k not in (URL_ENV, PREFIX_ENV)}
+    command = [sys.executable, "-m", "kew", "worker", "--queue", "q"]
+    command += ["--import", "cli_tasks", "--redis-url", redis_url, "--prefix", prefix]
+    worker = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await submitter.submit_task("d", "q", "cli.double", 21)
+        info = await submitter.wait_for_task("d", timeout=TIMEOUT)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.to_thread(worker.communicate, None, TIMEOUT)
+
+    assert worker.returncode == 0, stderr
+    assert (info.status, info.result) == (TaskStatus.COMPLETED, 42)
+    assert re.match(r"kew worker \S+ consuming q on ", stdout), stdout
+
+
+def test_server_options_hold_before_or_after_the_command() -> None:
+    """--redis-url/--prefix before the command still hold; after it they win."""
+    before = _parser().parse_args(
+        ["--redis-url", "redis://a:6379/0", "--prefix", "top", "worker", "-q", "q"]
+    )
+    after = _parser().parse_args(
+        ["--prefix", "top", "worker", "-q", "q", "--prefix", "sub"]
+    )
+    neither = _parser().parse_args(["dead-letters", "list", "q"])
+
+    assert (before.redis_url, before.prefix) == ("redis://a:6379/0", "top")
+    assert (after.redis_url, after.prefix) == (None, "sub")
+    assert (neither.redis_url, neither.prefix) == (None, None)
