@@ -30,6 +30,7 @@ from kew.status import (
     queue_status_as_of,
     task_info,
 )
+from kew.telemetry import internal
 from kew.waiters import Waiters
 
 if TYPE_CHECKING:
@@ -161,7 +162,8 @@ class Reads:
         """
         queue = queue_name or self._task_queue.get(task_id)
         if queue is None:
-            queue, fields = await self._find(task_id, None)
+            with internal():
+                queue, fields = await self._find(task_id, None)
             info = task_info(queue, task_id, fields)
             if info.status.finished:
                 return info
@@ -187,7 +189,8 @@ class Reads:
                 while True:
                     future = waiters.register(queue, task_id)
                     try:
-                        info = await self.get_task_status(task_id, queue_name=queue)
+                        with internal():  # waiting's own read: no span
+                            info = await self.get_task_status(task_id, queue_name=queue)
                         state = info.status.value
                         if info.status.finished:
                             return info

@@ -1,6 +1,15 @@
-"""The sampler of queue-level metrics: depth by state, the breaker, dead
-letters, read from each queue's status every few seconds while a meter
-provider is set (see kew.telemetry)."""
+"""The sampler of queue-level metrics: depth by state and the breaker, read
+from each queue's status every `kew.telemetry.SAMPLE_SECONDS` while a meter
+provider is set, and the dead letters this process's consumers caused (see
+kew.telemetry).
+
+Dead letters are counted once, by the process whose consumer dead-lettered
+the task: the `maintain` reply does not say which entries it dead-lettered,
+so the sampler reads the dead-letter entries added since its last look and,
+for each, the `task.dead_lettered` event the task's record points to, whose
+actor names the consumer. A task requeued (or dead-lettered again) before the
+sampler looked is not counted: its record points to a later event.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 
+from kew import telemetry as otel
 from kew.errors import KewError
 from kew.functions import guarded
 from kew.status import queue_status
@@ -18,17 +28,23 @@ from kew.telemetry import (
     BREAKER_LEVELS,
     KEW_BREAKER_STATE,
     KEW_QUEUE_STATE,
-    SAMPLE_SECONDS,
     Telemetry,
     internal,
 )
 
 if TYPE_CHECKING:
+    from kew.keys import QueueKeys
     from kew.reads import QueueHandle
 
 __all__ = ["sample_forever"]
 
 logger = logging.getLogger(__name__)
+
+LOOK_BACK_MS = 60_000
+"""How far before its first look at a queue the sampler reads dead letters:
+its consumer may have caused some since it started (at most one sampling
+interval earlier). Only this process's own can match, so a wide window
+cannot count one twice."""
 
 
 async def sample_forever(
@@ -36,7 +52,8 @@ async def sample_forever(
     client: aioredis.Redis,
     queues: Callable[[], list[QueueHandle]],
 ) -> None:
-    """Set the queue-level gauges every `SAMPLE_SECONDS`, while metering."""
+    """Look again at the global providers, and set the queue-level gauges
+    while metering, every `SAMPLE_SECONDS`."""
     sampler = _Sampler(telemetry, client)
     while True:
         telemetry.refresh()
@@ -56,7 +73,8 @@ async def sample_forever(
                     logger.exception(
                         "failed to sample queue %s for metrics", queue.keys.queue
                     )
-        await asyncio.sleep(SAMPLE_SECONDS)
+        # Read at each turn, not imported: tests and applications may change it.
+        await asyncio.sleep(otel.SAMPLE_SECONDS)
 
 
 class _Sampler:
@@ -65,7 +83,7 @@ class _Sampler:
         self.client = client
         self.breakers: dict[str, str] = {}
         self.dead_letters_seen: dict[str, str] = {}
-        """Per queue, the newest dead-letter entry id already counted."""
+        """Per queue, the newest dead-letter entry id already looked at."""
 
     async def sample(self, queue: QueueHandle) -> None:
         t, keys, client = self.telemetry, queue.keys, self.client
@@ -88,18 +106,53 @@ class _Sampler:
             t.breaker_transitions.add(1, {**base, KEW_BREAKER_STATE: breaker})
         self.breakers[keys.queue] = breaker
 
+        if queue.consumer is not None:
+            caused = await self._dead_lettered_by(keys, queue.consumer.name)
+            if caused:
+                t.dead_lettered.add(caused, base)
+
+    async def _dead_lettered_by(self, keys: QueueKeys, consumer: str) -> int:
+        """How many of the dead letters added since the last look `consumer`
+        caused."""
+        client = self.client
         seen = self.dead_letters_seen.get(keys.queue)
         if seen is None:
-            newest = cast(
-                list[tuple[str, Any]],
-                await guarded(client.xrevrange(keys.dlq, count=1)),
-            )
-            self.dead_letters_seen[keys.queue] = newest[0][0] if newest else "0-0"
-            return
+            seconds, microseconds = await guarded(client.time())
+            now_ms = seconds * 1000 + microseconds // 1000
+            seen = f"{max(now_ms - LOOK_BACK_MS, 0)}-0"
         new = cast(
-            list[tuple[str, Any]],
+            list[tuple[str, dict[str, str]]],
             await guarded(client.xrange(keys.dlq, f"({seen}", "+", count=10_000)),
         )
-        if new:
-            t.dead_lettered.add(len(new), base)
-            self.dead_letters_seen[keys.queue] = new[-1][0]
+        self.dead_letters_seen[keys.queue] = new[-1][0] if new else seen
+        if not new:
+            return 0
+
+        async with client.pipeline(transaction=False) as pipe:
+            for _, fields in new:
+                pipe.hmget(
+                    keys.task(fields.get("task_id", "")), "dead_letter", "last_event"
+                )
+            records = cast(list[list[str | None]], await guarded(pipe.execute()))
+        events = [
+            last_event
+            for (entry_id, _), (dead_letter, last_event) in zip(
+                new, records, strict=True
+            )
+            if dead_letter == entry_id and last_event
+        ]
+        if not events:
+            return 0
+        async with client.pipeline(transaction=False) as pipe:
+            for event_id in events:
+                pipe.xrange(keys.log, event_id, event_id)
+            replies = cast(
+                list[list[tuple[str, dict[str, Any]]]], await guarded(pipe.execute())
+            )
+        return sum(
+            1
+            for reply in replies
+            if reply
+            and reply[0][1].get("type") == "task.dead_lettered"
+            and reply[0][1].get("actor") == consumer
+        )

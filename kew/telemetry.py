@@ -24,14 +24,20 @@ Spans follow the messaging conventions, which upstream still marks
   whichever process runs it follows the submitter's choice; `tp` is opaque to
   the functions and the projections.
 * Nothing for polls, waits or lease renewals. Their Redis commands run in a
-  context with OpenTelemetry's suppression key set, so an application that
-  instruments redis-py gets no span for them either (the commands of submit
-  and of recording an outcome are not suppressed).
+  context with OpenTelemetry's suppression key set (`internal`), so an
+  application that instruments redis-py gets no span for them either. So do
+  the other calls of kew's own bookkeeping that no span of the task encloses:
+  recording outcomes (`finish` runs after the process span ended, batched
+  for many attempts, so it has no one parent) and the reads of
+  `wait_for_task`; else each would be a root span of its own. The `submit`
+  call is not suppressed: it is the child of its send span.
 
 Metrics are listed in `Telemetry.__init__`. Queue-level ones (depth by state,
-breaker state and transitions, dead letters) are sampled from the server
-every `SAMPLE_SECONDS` by a task of the manager, only while a meter provider
-of an SDK is in place (else the sampler reads nothing).
+breaker state and transitions) are sampled from the server every
+`SAMPLE_SECONDS` by a task of the manager (kew.sampler), only while a meter
+provider of an SDK is in place (else the sampler reads nothing). Dead
+letters are counted by the same task, once: by the process whose consumer
+dead-lettered the task.
 
 While the providers are the API's own (no SDK), kew skips spans and metric
 calls altogether and only passes on a context the caller holds. Whether they
@@ -41,10 +47,15 @@ global provider set after the manager started is used within
 
 Known limits:
 
-* Only the traceparent travels with a task; tracestate and baggage do not.
+* Only the traceparent travels with a task; tracestate and baggage do not
+  (the functions store one opaque `tp` string, and baggage would need a size
+  cap), so vendor state in tracestate and baggage entries set by the
+  submitter are not seen by the task function.
 * `kew.delivery_count` is set on fresh deliveries (always 1: the fetch reads
-  only new entries). A taken-over attempt goes without it, because the
-  `maintain` reply does not carry the count; it is counted in
+  only new entries). A taken-over attempt goes without it: `maintain` knows
+  the count (it compares it with `max_deliveries`) but its rows, shared with
+  `fetch`, do not carry it, and the attempt number is no substitute (a retry
+  is a new entry whose count starts again). Takeovers are counted in
   `kew.task.redeliveries` instead.
 * Queue wait is measured from the ready entry's id, the server time at which
   the task entered its ready stream (for a deferred task or a retry, when it
@@ -52,10 +63,14 @@ Known limits:
   from the server's clock. The fetch row does not carry the submit time, and
   the entry id needs no change to the functions. Taken-over attempts are not
   measured: their entry dates from the previous attempt.
-* Queue-level metrics are sampled by every manager that has a meter provider:
-  with several processes each reports the same queue, so aggregate them with
-  max or last value, not sum. Breaker transitions are seen at sampling time;
-  a breaker that opens and closes again between two samples is not counted.
+* Queue-level gauges and breaker transitions are sampled by every manager
+  that has a meter provider: with several processes each reports the same
+  queue, so aggregate them with max or last value, not sum. Breaker
+  transitions are seen at sampling time; a breaker that opens and closes
+  again between two samples is not counted. Dead letters are not affected:
+  each is counted once (see kew.sampler), up to `SAMPLE_SECONDS` late, by
+  the process that caused it; none is counted if that process has no meter
+  provider, or if the task was requeued before its sampler looked.
 """
 
 from __future__ import annotations
@@ -106,6 +121,8 @@ KEW_TASK_ATTEMPT = "kew.task.attempt"
 KEW_TASK_OUTCOME = "kew.task.outcome"
 """succeeded, failed, cancelled, or interrupted (its consumer stopped)."""
 KEW_DELIVERY_COUNT = "kew.delivery_count"
+KEW_PRIORITY = "kew.priority"
+"""high, medium or low: the task's ready stream (send spans of one task)."""
 KEW_QUEUE_STATE = "kew.queue.state"
 KEW_BREAKER_STATE = "kew.breaker.state"
 
@@ -211,6 +228,7 @@ class Send:
         if len(batch) == 1:
             attributes[KEW_TASK_ID] = batch[0].task_id
             attributes[KEW_TASK_NAME] = batch[0].name
+            attributes[KEW_PRIORITY] = batch[0].priority.level
         else:
             attributes[MESSAGING_BATCH_COUNT] = len(batch)
         self.span = t.tracer.start_span(

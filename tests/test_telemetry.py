@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +19,10 @@ import redis.asyncio as aioredis
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -35,6 +41,7 @@ from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 from kew import (
     ConfigurationError,
     QueueConfig,
+    TaskAlreadyExistsError,
     TaskQueueManager,
     TaskStatus,
     functions,
@@ -159,6 +166,7 @@ async def test_process_span_is_a_child_of_send_and_linked_to_it(
         "messaging.message.id": entry,
         "kew.task.id": "t",
         "kew.task.name": ok.__module__ + ":ok",
+        "kew.priority": "medium",
     }
     assert attrs(process) == {
         "messaging.system": "redis",
@@ -423,8 +431,8 @@ def commands(monkeypatch: pytest.MonkeyPatch) -> CommandLog:
 async def test_polling_makes_no_spans_and_is_hidden_from_instrumentations(
     make_manager: MakeManager, traced: Traced, commands: CommandLog
 ) -> None:
-    """Empty polls and renewals make no span, and run with instrumentation
-    suppressed; submit and finish do not, and submit runs inside send."""
+    """Empty polls, renewals, recording outcomes and the wait's reads make no
+    span and run with instrumentation suppressed; submit does not, inside send."""
     manager = await make_manager(**traced.providers)
     await manager.create_queue(QueueConfig(name="q", lease_seconds=0.3))
     await eventually(
@@ -435,11 +443,10 @@ async def test_polling_makes_no_spans_and_is_hidden_from_instrumentations(
 
     await manager.submit_task("t", "q", ok, 1)
     assert (await manager.wait_for_task("t", 10)).status is TaskStatus.COMPLETED
-    for polling in ("fetch", "maintain", "XREAD"):
-        assert commands.of(polling)
-        assert all(quiet for _, quiet, _ in commands.of(polling)), polling
+    for internal in ("fetch", "maintain", "XREAD", "finish", "HGETALL"):
+        assert commands.of(internal), internal
+        assert all(quiet for _, quiet, _ in commands.of(internal)), internal
     assert commands.of("submit") == [("submit", False, "send q")]
-    assert [quiet for _, quiet, _ in commands.of("finish")] == [False]
 
 
 async def test_metrics_count_sends_and_attempts_without_task_ids(
@@ -493,7 +500,8 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The sampler sets depth by state and the breaker gauge, and counts
-    breaker transitions and new dead letters."""
+    breaker transitions; a dead letter is counted once, by the process whose
+    consumer dead-lettered it, not by every process that consumes the queue."""
     monkeypatch.setattr(telemetry, "SAMPLE_SECONDS", 0.02)
     manager = await make_manager(consume=False, **traced.providers)
     config = QueueConfig(
@@ -505,15 +513,16 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
     await manager.create_queue(config)
     await manager.submit_task("later", "q", ok, 1, _defer_by=60)
 
-    def depth(state: str) -> Any:
-        return traced.value("kew.queue.depth", kew_queue_state=state)
+    def depth(state: str, of: Traced = traced) -> Any:
+        return of.value("kew.queue.depth", kew_queue_state=state)
 
     await eventually(lambda: depth("deferred") == 1, what="a deferred task sampled")
     assert traced.value("kew.breaker.state") == 0
     assert depth("ready") == depth("running") == depth("retry") == 0
 
     # A crash loop: a consumer starts the task and vanishes; with
-    # max_deliveries=1 the next consumer dead-letters it.
+    # max_deliveries=1 the next consumer dead-letters it: the metered
+    # manager's, or that of another metered process on the same queue.
     keys = QueueKeys(prefix, "q")
     await manager.submit_task("lost", "q", ok, 2)
     await functions.call(
@@ -522,17 +531,216 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
         keys.queue_keys,
         ["ghost", 1, keys.task_prefix, 60, keys.finished_channel],
     )
-    runner = await make_manager(consume=False)
-    await runner.attach_queue("q")
-    await eventually(
-        lambda: traced.value("kew.task.dead_lettered") == 1, what="a dead letter"
-    )
-    await eventually(lambda: depth("dead_lettered") == 1, what="dead letters sampled")
+    other = Traced()
+    try:
+        second = await make_manager(consume=False, meter_provider=other.meter_provider)
+        await second.attach_queue("q")
+        await manager.attach_queue("q")
+
+        def counted() -> list[int]:
+            values = (t.value("kew.task.dead_lettered") for t in (traced, other))
+            return [value or 0 for value in values]
+
+        await eventually(lambda: sum(counted()) >= 1, what="a dead letter counted")
+        await eventually(
+            lambda: depth("dead_lettered") == depth("dead_lettered", other) == 1,
+            what="the dead letter sampled by both processes",
+        )
+        # Both sampled it; only the one whose consumer caused it counted it.
+        assert sorted(counted()) == [0, 1]
+    finally:
+        other.meter_provider.shutdown()
 
     # That final failure opened the breaker.
     await eventually(lambda: traced.value("kew.breaker.state") == 2, what="open")
     transitions = traced.points("kew.breaker.transitions")
     assert [(a["kew.breaker.state"], p.value) for a, p in transitions] == [("open", 1)]
+
+
+async def test_a_global_tracer_provider_set_later_is_used(
+    make_manager: MakeManager, traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager made before the application set its global tracer provider
+    traces once the sampler looked again (every SAMPLE_SECONDS)."""
+    monkeypatch.setattr(telemetry, "SAMPLE_SECONDS", 0.02)
+    manager = await make_manager(consume=False)
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("before", "q", ok, 1)
+
+    # What trace.set_tracer_provider does, undone after the test (the real
+    # one can be called once per process).
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", traced.tracer_provider)
+    submitted = 0
+
+    async def submit_is_traced() -> bool:
+        nonlocal submitted
+        submitted += 1
+        await manager.submit_task(f"after-{submitted}", "q", ok, 1)
+        return bool(traced.finished("send q"))
+
+    await eventually(submit_is_traced, what="a send span from the global provider")
+    (send,) = traced.finished("send q")
+    assert attrs(send)["kew.task.id"] == f"after-{submitted}"
+
+
+async def test_a_refused_submit_sets_error_on_send_and_the_sent_counter(
+    make_manager: MakeManager, traced: Traced
+) -> None:
+    """A submit the server refuses ends its send span with status ERROR,
+    error.type and the exception, and is counted with error.type."""
+    manager = await make_manager(consume=False, **traced.providers)
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("t", "q", ok, 1)
+    with pytest.raises(TaskAlreadyExistsError):
+        await manager.submit_task("t", "q", ok, 2)
+
+    accepted, refused = traced.finished("send q")
+    assert accepted.status.status_code is StatusCode.UNSET
+    assert "error.type" not in attrs(accepted)
+    assert refused.status.status_code is StatusCode.ERROR
+    assert attrs(refused)["error.type"] == "TaskAlreadyExistsError"
+    (event,) = refused.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {})["exception.type"].endswith(
+        "TaskAlreadyExistsError"
+    )
+    assert "messaging.message.id" not in attrs(refused)
+
+    queue = {
+        "messaging.system": "redis",
+        "messaging.destination.name": "q",
+        "messaging.operation.name": "send",
+    }
+    sent = traced.points("messaging.client.sent.messages")
+    assert sorted(((a.get("error.type", ""), p.value) for a, p in sent), key=str) == [
+        ("", 1),
+        ("TaskAlreadyExistsError", 1),
+    ]
+    for attributes, _ in sent:
+        assert queue.items() <= attributes.items()
+
+
+async def test_an_attempt_cut_short_by_shutdown_is_interrupted(
+    make_manager: MakeManager, traced: Traced
+) -> None:
+    """A running attempt cancelled by shutdown ends its process span as
+    interrupted, without an error and without a duration point."""
+    running = asyncio.Event()
+
+    async def forever() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    manager = await make_manager(**traced.providers)
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("t", "q", forever)
+    await asyncio.wait_for(running.wait(), 10)
+    await manager.shutdown(wait=False)
+
+    (process,) = traced.finished("process q")
+    assert attrs(process)["kew.task.outcome"] == "interrupted"
+    assert process.status.status_code is StatusCode.UNSET
+    assert process.events == ()
+    assert traced.value("messaging.client.consumed.messages") == 1
+    assert traced.points("messaging.process.duration") == []
+
+
+async def test_with_redis_py_instrumented_a_task_has_no_orphan_redis_spans(
+    make_manager: MakeManager, traced: Traced, commands: CommandLog
+) -> None:
+    """With the real RedisInstrumentor, an idle consumer makes no Redis spans,
+    and a task's spans are send, its submit FCALL under it, and process: no
+    root span comes from recording the outcome or from wait_for_task."""
+    manager = await make_manager(**traced.providers)
+    await manager.create_queue(QueueConfig(name="q", lease_seconds=0.3))
+
+    def name_the_function(span: Any, instance: Any, args: Any, kwargs: Any) -> None:
+        # The statement is sanitized ("FCALL ? ?"): note which function ran.
+        if args and args[0] == "FCALL":
+            span.set_attribute("test.function", str(args[1]))
+
+    instrumentor = RedisInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=traced.tracer_provider, request_hook=name_the_function
+    )
+    try:
+        renewals = len(commands.of("maintain"))
+        await eventually(
+            lambda: len(commands.of("maintain")) >= renewals + 3,
+            what="three renewals while instrumented",
+        )
+        assert traced.finished() == []
+
+        await manager.submit_task("t", "q", ok, 1)
+        assert (await manager.wait_for_task("t", 10)).status is TaskStatus.COMPLETED
+        await eventually(lambda: bool(traced.finished("process q")), what="process")
+        # A renewal after the task ended makes no span either.
+        renewals = len(commands.of("maintain"))
+        await eventually(
+            lambda: len(commands.of("maintain")) > renewals, what="one more renewal"
+        )
+    finally:
+        instrumentor.uninstrument()
+
+    (send,) = traced.finished("send q")
+    (process,) = traced.finished("process q")
+    (fcall,) = traced.finished("FCALL")
+    assert attrs(fcall)["test.function"] == functions.function_name("submit")
+    assert fcall.kind is SpanKind.CLIENT
+    assert fcall.parent is not None
+    assert fcall.parent.span_id == ctx(send).span_id
+    assert ctx(fcall).trace_id == ctx(send).trace_id
+    assert process.parent is not None
+    assert process.parent.span_id == ctx(send).span_id
+    roots = [s.name for s in traced.finished() if s.parent is None]
+    assert roots == ["send q"], roots
+    assert len(traced.finished()) == 3, [s.name for s in traced.finished()]
+
+
+def kew_cli(url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the kew command on the test's server and prefix."""
+    env = {**os.environ, "KEW_REDIS_URL": url, "COLUMNS": "250"}
+    return subprocess.run(
+        [sys.executable, "-m", "kew", "--prefix", prefix, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_kew_history_and_export_join_the_log_to_the_trace(
+    make_manager: MakeManager, traced: Traced, redis_url: str, prefix: str
+) -> None:
+    """`kew history` prints a traced task's trace id, every event of the task
+    carries it, and every `kew export` line of the task has it as trace_id."""
+    manager = await make_manager(**traced.providers)
+    await manager.create_queue(QueueConfig(name="q", max_retries=1, retry_delay=0))
+    await manager.submit_task("t", "q", broken)
+    assert (await manager.wait_for_task("t", 10)).status is TaskStatus.FAILED
+    (send,) = traced.finished("send q")
+    trace_id = format(ctx(send).trace_id, "032x")
+
+    table = await asyncio.to_thread(kew_cli, redis_url, prefix, "history", "t")
+    assert table.returncode == 0, table.stderr
+    assert "trace id" in table.stdout
+    assert trace_id in table.stdout
+
+    done = await asyncio.to_thread(kew_cli, redis_url, prefix, "history", "t", "--json")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    types = [e["type"] for e in events]
+    assert types[0] == "task.submitted"
+    assert {"task.started", "task.retry_scheduled", "task.failed"} <= set(types)
+    assert [e["trace_id"] for e in events] == [trace_id] * len(events)
+
+    exported = await asyncio.to_thread(kew_cli, redis_url, prefix, "export", "q")
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    of_task = [line for line in lines if line.get("task_id") == "t"]
+    assert [line["type"] for line in of_task] == types
+    assert [line["trace_id"] for line in of_task] == [trace_id] * len(of_task)
 
 
 class Collector:
@@ -568,6 +776,17 @@ class Collector:
             if path == "/v1/traces":
                 requests.append(ExportTraceServiceRequest.FromString(body))
         return requests
+
+    def metric_names(self) -> set[str]:
+        """The names of the metrics of every /v1/metrics request received."""
+        names: set[str] = set()
+        for path, _, body in self.posts:
+            if path == "/v1/metrics":
+                request = ExportMetricsServiceRequest.FromString(body)
+                for resource_metrics in request.resource_metrics:
+                    for scope_metrics in resource_metrics.scope_metrics:
+                        names |= {m.name for m in scope_metrics.metrics}
+        return names
 
     def close(self) -> None:
         self.server.shutdown()
@@ -658,7 +877,8 @@ async def test_spans_arrive_over_otlp_http_as_a_collector_receives_them(
 async def test_kew_demo_exports_to_an_otlp_endpoint(
     redis_url: str, collector: Collector
 ) -> None:
-    """`kew demo --otlp-endpoint URL` sends its traces and metrics there."""
+    """`kew demo --otlp-endpoint URL` sends its traces and metrics there: the
+    span tree, and kew's metrics by name."""
     argv = [sys.executable, "-m", "kew", "--redis-url", redis_url, "demo"]
     argv += ["--tasks", "3", "--workers", "3", "--otlp-endpoint", collector.url]
     done = await asyncio.to_thread(
@@ -678,6 +898,12 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
             spans[("process demo", f"demo-{n}")],
         )
         assert process.parent_span_id == send.span_id
+    assert {
+        "messaging.client.sent.messages",
+        "messaging.client.consumed.messages",
+        "messaging.process.duration",
+        "kew.task.queue_wait",
+    } <= collector.metric_names()
 
 
 def test_the_demo_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
