@@ -11,8 +11,10 @@ The retention policy keeps a log bounded. Events older than the queue's
 `retention_seconds` are archived (appended to a JSON Lines file and fsynced,
 or handed to a callback) and only then trimmed, and only at a task boundary:
 the head that is trimmed holds whole tasks that have ended, never an event of
-a task still open. What was trimmed is folded into the queue's snapshot, so
-verify and rebuild still agree with the projections. No consumer group reads
+a task still open, nor of a dead-lettered task while it waits in the
+dead-letter stream (it can still be requeued). What was trimmed is folded
+into the queue's snapshot, so verify and rebuild still agree with the
+projections. No consumer group reads
 the log, so no group can still need a trimmed event.
 
 The archive plus the live log answer history and as-of queries together:
@@ -100,7 +102,13 @@ async def export_lines(
     if task_id is None and since_ms is None:
         snapshot = cast(dict[str, str], await guarded(client.hgetall(keys.snapshot)))
         if snapshot:
-            yield {"queue": keys.queue, "snapshot": snapshot}
+            # The trimmed head may have held the queue.configured events, so
+            # the line carries the configuration an import needs.
+            stored = cast(str | None, await guarded(client.hget(keys.config, "json")))
+            line: dict[str, Any] = {"queue": keys.queue, "snapshot": snapshot}
+            if stored is not None:
+                line["config"] = json.loads(stored)
+            yield line
     if task_id is not None:
         for entry_id, fields in await _task_entries(client, keys, task_id):
             if _within(entry_id, since_ms, until_ms):
@@ -172,6 +180,19 @@ class ImportReport:
     export of the live log)."""
 
 
+@dataclasses.dataclass
+class _QueueImport:
+    """What the lines hold for one queue, checked before anything is written."""
+
+    entries: list[tuple[str, dict[str, str]]] = dataclasses.field(
+        default_factory=list[tuple[str, dict[str, str]]]
+    )
+    config: dict[str, Any] | None = None
+    snapshot: dict[str, str] | None = None
+    snapshot_config: dict[str, Any] | None = None
+    skipped: int = 0
+
+
 async def import_lines(
     client: aioredis.Redis, prefix: str, lines: Iterable[dict[str, Any]]
 ) -> ImportReport:
@@ -180,62 +201,43 @@ async def import_lines(
 
     A bulk load of a log, not a transition: events go in with XADD and their
     original ids; the projections are then rebuilt from them by the usual
-    rebuild (kew.projections.rebuild).
+    rebuild (kew.projections.rebuild). Every line is read and checked before
+    the first write, so an import that is refused writes nothing. (One that
+    fails while writing, e.g. the connection drops, leaves what it wrote:
+    delete the prefix's keys and import again.)
     """
     from kew.models import QueueConfig
     from kew.projections.rebuild import rebuild
 
-    counts: dict[str, int] = {}
-    configs: dict[str, dict[str, Any]] = {}
-    last_id: dict[str, str] = {}
-    skipped = 0
-    batch: dict[str, list[tuple[str, dict[str, str]]]] = {}
-    snapshots: dict[str, dict[str, str]] = {}
-    first: dict[str, str] = {}
-    for line in lines:
-        queue = str(line["queue"])
+    plans = _plan_import(lines)
+    for queue, plan in plans.items():
         keys = QueueKeys(prefix, queue)
-        if queue not in counts:
-            if await guarded(client.exists(keys.log, keys.config)):
-                raise ConfigurationError(
-                    f"Queue {queue!r} already exists under prefix {prefix!r}: import "
-                    "into an empty prefix (pick a new --prefix)."
-                )
-            counts[queue] = 0
-        if "snapshot" in line:
-            snapshots[queue] = {str(k): str(v) for k, v in line["snapshot"].items()}
-            continue
-        first.setdefault(queue, str(line["id"]))
-        entry_id = str(line["id"])
-        if queue in last_id and not _after(entry_id, last_id[queue]):
-            skipped += 1
-            continue
-        last_id[queue] = entry_id
-        fields = line_fields(line)
-        if fields.get("type") == "queue.configured":
-            configs[queue] = dict(line.get("data", {}).get("config", {}))
-        batch.setdefault(queue, []).append((entry_id, fields))
-        counts[queue] += 1
-        if len(batch[queue]) >= 1000:
-            await _append(client, keys, batch.pop(queue))
-    for queue, entries in batch.items():
-        await _append(client, QueueKeys(prefix, queue), entries)
-
-    for queue in counts:
-        keys = QueueKeys(prefix, queue)
-        snapshot = snapshots.get(queue)
-        # The snapshot stands for the events before it; if they are imported
-        # too (an archive ahead of the export), it would count them twice.
-        if snapshot and not _after(snapshot["through"], first.get(queue, "0-0")):
-            await guarded(client.hset(keys.snapshot, mapping=cast(Any, snapshot)))
-        config = configs.get(queue)
-        if config is None:
+        if await guarded(client.exists(keys.log, keys.config)):
+            raise ConfigurationError(
+                f"Queue {queue!r} already exists under prefix {prefix!r}: import "
+                "into an empty prefix (pick a new --prefix)."
+            )
+        if plan.config is None:
+            plan.config = plan.snapshot_config
+        if plan.config is None:
             raise KewError(
                 f"The lines of queue {queue!r} hold no queue.configured event, so "
                 "its configuration is unknown; export the whole log (or include "
                 "the archive that holds its start)."
             )
-        stored = QueueConfig.from_stored(config).to_stored()
+        QueueConfig.from_stored(plan.config)  # refuse a bad one before writing
+
+    for queue, plan in plans.items():
+        keys = QueueKeys(prefix, queue)
+        for i in range(0, len(plan.entries), 1000):
+            await _append(client, keys, plan.entries[i : i + 1000])
+        snapshot = plan.snapshot
+        first = plan.entries[0][0] if plan.entries else None
+        # The snapshot stands for the events before it; if they are imported
+        # too (an archive ahead of the export), it would count them twice.
+        if snapshot and (first is None or not _after(snapshot["through"], first)):
+            await guarded(client.hset(keys.snapshot, mapping=cast(Any, snapshot)))
+        stored = QueueConfig.from_stored(cast(dict[str, Any], plan.config)).to_stored()
         encoded = json.dumps(stored, sort_keys=True)
         async with client.pipeline(transaction=True) as pipe:
             pipe.hset(keys.config, mapping=cast(Any, _config_fields(stored, encoded)))
@@ -244,7 +246,33 @@ async def import_lines(
                 pipe.xgroup_create(stream, "workers", id="0", mkstream=True)
             await guarded(pipe.execute())
         await rebuild(client, keys, expiry_seconds=86_400)
-    return ImportReport(counts, skipped)
+    return ImportReport(
+        {queue: len(plan.entries) for queue, plan in plans.items()},
+        sum(plan.skipped for plan in plans.values()),
+    )
+
+
+def _plan_import(lines: Iterable[dict[str, Any]]) -> dict[str, _QueueImport]:
+    """Sort the lines by queue, in order, dropping the ones an earlier line
+    already covered (an archive overlapping an export of the live log)."""
+    plans: dict[str, _QueueImport] = {}
+    for line in lines:
+        queue = str(line["queue"])
+        plan = plans.setdefault(queue, _QueueImport())
+        if "snapshot" in line:
+            plan.snapshot = {str(k): str(v) for k, v in line["snapshot"].items()}
+            if isinstance(line.get("config"), dict):
+                plan.snapshot_config = dict(line["config"])
+            continue
+        entry_id = str(line["id"])
+        if plan.entries and not _after(entry_id, plan.entries[-1][0]):
+            plan.skipped += 1
+            continue
+        fields = line_fields(line)
+        if fields.get("type") == "queue.configured":
+            plan.config = dict(line.get("data", {}).get("config", {}))
+        plan.entries.append((entry_id, fields))
+    return plans
 
 
 def _config_fields(stored: dict[str, Any], encoded: str) -> dict[str, str]:
@@ -304,10 +332,13 @@ async def apply_retention(
         await guarded(client.hmget(keys.ended, ids)) if ids else [],
     )
     newest = old[-1].id
+    # A dead letter is in the ended index, yet it can be requeued: while it
+    # waits in the dead-letter stream its task is as open as a queued one.
+    dead = await _dead_lettered(client, keys)
     floors = [
         first[task_id]
         for task_id, last in zip(ids, ended, strict=True)
-        if last is None or _after(last, newest)
+        if last is None or _after(last, newest) or task_id in dead
     ]
     floor = min(floors, key=_order) if floors else _next_id(newest)
     trimmed = [e for e in old if _after(floor, e.id)]
@@ -349,6 +380,14 @@ async def apply_retention(
         snapshot.through,
     )
     return RetentionReport(len(trimmed), len(old) - len(trimmed), snapshot.through)
+
+
+async def _dead_lettered(client: aioredis.Redis, keys: QueueKeys) -> set[str]:
+    """The ids of the tasks waiting in the queue's dead-letter stream."""
+    dead: set[str] = set()
+    async for entries in read_entries(client, keys.dlq):
+        dead.update(fields.get("task_id", "") for _, fields in entries)
+    return dead
 
 
 def _order(entry_id: str) -> tuple[int, int]:

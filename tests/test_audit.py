@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from kew import (
     ConfigurationError,
+    KewError,
     QueueConfig,
     TaskNotFoundError,
     TaskQueueManager,
@@ -24,7 +25,7 @@ from kew.keys import QueueKeys
 from kew.projections.task import same_hash
 from kew.registry import Registry
 
-from .conftest import eventually
+from .conftest import DEADLINE, eventually
 
 MakeManager = Callable[..., Awaitable[TaskQueueManager]]
 
@@ -255,3 +256,115 @@ async def test_retention_needs_a_policy(
     await manager.create_queue(QueueConfig(name="q"))
     with pytest.raises(ConfigurationError, match="retention_seconds"):
         await manager.apply_retention("q", tmp_path / "a.jsonl")
+
+
+async def _dead_letter(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str, task_id: str
+) -> TaskQueueManager:
+    """Dead-letter a queued task of queue q (max_deliveries=1): a consumer that
+    never answers takes its entry, then a real one reclaims it once too often.
+    Returns the real consumer's manager."""
+    keys = QueueKeys(prefix, "q")
+    await client.xreadgroup("workers", "ghost", {keys.ready("medium"): ">"}, count=1)
+    consumer = await make_manager(consume=False)
+    await consumer.attach_queue("q")
+    info = await consumer.wait_for_task(task_id, timeout=10)
+    assert info.status is TaskStatus.FAILED
+    assert [d["task_id"] for d in await consumer.dead_letters("q")] == [task_id]
+    return consumer
+
+
+async def test_retention_keeps_a_dead_letter_until_it_is_requeued(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """A dead-lettered task is never trimmed while it waits in the dead-letter
+    stream: requeued and completed after retention, it still verifies and its
+    history is whole."""
+    creator = await make_manager(consume=False)
+    await creator.create_queue(
+        QueueConfig(
+            name="q", retention_seconds=0.001, max_deliveries=1, lease_seconds=0.2
+        )
+    )
+    await creator.submit_task("dl", "q", ok, 5)
+    consumer = await _dead_letter(make_manager, client, prefix, "dl")
+    await consumer.submit_task("done", "q", ok, 1)
+    await consumer.wait_for_task("done", 10)
+    await _after_server_ms(consumer, (await consumer.get_task_history("done"))[-1].ms)
+
+    archived = await consumer.apply_retention("q", tmp_path / "archive.jsonl")
+    assert archived == 1  # queue.configured; "dl" holds the floor
+    assert (await consumer.get_task_history("dl"))[0].type == "task.submitted"
+
+    assert await consumer.requeue_dead_letters("q") == 1
+    info = await consumer.wait_for_task("dl", 10)
+    assert info.status is TaskStatus.COMPLETED
+    assert await consumer.verify_projections("q") == []
+    types = [e.type for e in await consumer.get_task_history("dl")]
+    assert types[0] == "task.submitted"
+    assert "task.dead_lettered" in types
+    assert types[-3:] == ["task.requeued", "task.started", "task.succeeded"]
+
+
+async def _after_server_ms(manager: TaskQueueManager, ms: int) -> None:
+    """Wait until the server's clock has passed millisecond `ms` (the log's
+    clock), so that the next event falls in a later millisecond."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while True:
+        seconds, micros = await manager.client.time()
+        if seconds * 1000 + micros // 1000 > ms:
+            return
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+
+
+async def test_an_export_taken_after_retention_imports(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str, tmp_path: Path
+) -> None:
+    """Retention trimmed queue.configured, yet an export of the live log
+    imports: its snapshot line carries the queue's configuration."""
+    source = await make_manager()
+    await source.create_queue(
+        QueueConfig(name="q", retention_seconds=0.001, max_workers=3)
+    )
+    await source.submit_task("old", "q", ok, 1)
+    await source.wait_for_task("old", 10)
+    await _after_server_ms(source, (await source.get_task_history("old"))[-1].ms)
+    assert await source.apply_retention("q", tmp_path / "archive.jsonl") == 4
+    await source.submit_task("young", "q", ok, 2)
+    await source.wait_for_task("young", 10)
+
+    lines = [line async for line in source.export_log("q")]
+    assert "snapshot" in lines[0]
+    assert not any(line.get("type") == "queue.configured" for line in lines)
+    copy_prefix = f"{prefix}:copy"
+    copy = await make_manager(key_prefix=copy_prefix, consume=False)
+    assert await copy.import_log(lines) == {"q": len(lines) - 1}
+    assert await copy.verify_projections("q") == []
+    status = await copy.get_queue_status("q")
+    assert (status["completed_tasks"], status["max_workers"]) == (2, 3)
+
+
+async def test_a_refused_import_writes_nothing(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """An import refused for one of its queues writes nothing at all, so it can
+    be retried once the lines are fixed."""
+    source = await make_manager()
+    for name in ("a", "b"):
+        await source.create_queue(QueueConfig(name=name))
+        await source.submit_task(f"{name}1", name, ok, 1)
+        await source.wait_for_task(f"{name}1", 10)
+    whole_a = [line async for line in source.export_log("a")]
+    # One task's events: no queue.configured, so queue b's config is unknown.
+    task_b = [line async for line in source.export_log("b", task_id="b1")]
+
+    copy_prefix = f"{prefix}:copy"
+    copy = await make_manager(key_prefix=copy_prefix, consume=False)
+    with pytest.raises(KewError, match=r"no queue\.configured"):
+        await copy.import_log(whole_a + task_b)
+    written = [key async for key in client.scan_iter(match=f"{copy_prefix}:*")]
+    assert written == []
+
+    assert await copy.import_log(whole_a) == {"a": len(whole_a)}
+    assert await copy.verify_projections("a") == []
