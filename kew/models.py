@@ -227,18 +227,18 @@ class TaskInfo(BaseModel):
     result: Any = None
     error: str | None = None
     attempt: int = 0
-    """Attempts started so far, numbered from 1."""
+    """Attempts started so far, numbered from 1. An attempt handed back at a
+    shutdown or taken over from a dead consumer counts, so this can exceed
+    `retry_count + 1`."""
+    retry_count: int = 0
+    """Retries scheduled so far after failed attempts (task.retry_scheduled
+    events): what max_retries bounds."""
     due_time: datetime | None = None
     """When a deferred task, or a failed one waiting to retry, is due."""
     cancel_requested: bool = False
     """A running task was asked to cancel and has not stopped yet."""
     version: int = 0
     """Events applied to this task; each transition adds one."""
-
-    @property
-    def retry_count(self) -> int:
-        """Attempts after the first, as the earlier release counted them."""
-        return max(self.attempt - 1, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -62,6 +62,7 @@ def task_info(queue: str, task_id: str, fields: Mapping[str, str]) -> TaskInfo:
             "result": json.loads(result) if result else None,
             "error": fields.get("error"),
             "attempt": int(fields.get("attempt", 0)),
+            "retry_count": int(fields.get("retries", 0)),
             "version": int(fields.get("version", 0)),
         }
     )

@@ -21,6 +21,7 @@ from kew import (
 from kew.events import TaskRetryScheduled
 from kew.events.log import read
 from kew.keys import QueueKeys
+from kew.registry import Registry
 
 from .conftest import eventually
 
@@ -339,3 +340,41 @@ async def test_earlier_release_spellings_are_accepted(
         assert done.result == 1
     finally:
         await checker.shutdown()
+
+
+async def test_an_attempt_handed_back_at_shutdown_uses_up_no_retry(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """max_retries=1: an attempt interrupted by a shutdown, then two failed
+    attempts elsewhere; the first failure is retried, retry_count counts the
+    one retry the log schedules, and attempt counts all three."""
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    first_registry = Registry()
+    first_registry.register(hangs, "tests.handed_back")
+    first = await make_manager(registry=first_registry)
+    config = QueueConfig(name="q", max_retries=1, retry_delay=0.01)
+    await first.create_queue(config)
+    await first.submit_task("h", "q", "tests.handed_back")
+    await started.wait()
+    await first.shutdown(wait=False)
+
+    flaky = Flaky(failures=10)
+    second_registry = Registry()
+    second_registry.register(flaky, "tests.handed_back")
+    second = await make_manager(registry=second_registry)
+    await second.create_queue(config)
+    info = await second.wait_for_task("h", timeout=10)
+
+    assert info.status is TaskStatus.FAILED
+    assert flaky.calls == 2
+    assert info.attempt == 3
+    assert info.retry_count == 1
+    types = [e.type for e in await _task_events(client, prefix, "h")]
+    assert types.count("task.interrupted") == 1
+    assert types.count("task.retry_scheduled") == info.retry_count
+    assert await second.verify_projections("q") == []

@@ -265,7 +265,7 @@ local function finish(keys, args)
 
     local t = redis.call('HMGET', task, 'state', 'version', 'last_event',
       'attempt', 'owner', 'entry', 'tp', 'trial', 'max_retries',
-      'retry_delay_ms')
+      'retry_delay_ms', 'retries')
     local why = nil
     if t[1] ~= 'processing' or t[4] ~= attempt or t[5] ~= consumer
         or t[6] ~= entry_id then
@@ -283,8 +283,11 @@ local function finish(keys, args)
       rows[#rows + 1] = {'fenced', why}
     else
       local trial, tp = t[8] == '1', t[7]
-      local n = tonumber(attempt)
-      local retry = outcome == 'failed' and n <= tonumber(t[9] or '0')
+      -- Retries are counted apart from attempts: an attempt handed back or
+      -- taken over (task.interrupted, task.reclaimed) ends without a failure
+      -- and uses up no retry.
+      local retries = tonumber(t[11]) or 0
+      local retry = outcome == 'failed' and retries < tonumber(t[9] or '0')
       local state, eid, due
       drop_entry(ready, entry_id)
       if outcome == 'succeeded' then
@@ -309,13 +312,13 @@ local function finish(keys, args)
         state = 'failed'
         if retry then
           state = 'retry'
-          local delay = tonumber(t[10]) * 2 ^ (n - 1)
+          local delay = tonumber(t[10]) * 2 ^ retries
           delay = math.min(delay, cfg.max_retry_delay_ms)
           delay = math.floor(delay * (0.5 + 0.5 * tonumber(a[9])))
           due = now + delay
           eid = append(Q.log, 'task.retry_scheduled', task_id, eid, attempt,
             consumer, tp, '{"due_at":' .. due .. ',"delay_ms":' .. delay .. '}')
-          redis.call('HSET', task, 'due_at', due)
+          redis.call('HSET', task, 'due_at', due, 'retries', retries + 1)
           redis.call('ZADD', Q.sched, due, task_id)
         end
       end

@@ -59,6 +59,9 @@ class TaskState:
     submitted_at: int
     max_retries: int = 0
     retry_delay_ms: int = 1000
+    retries: int | None = None
+    """Retries scheduled so far (task.retry_scheduled events); absent until
+    the first. Attempts handed back or taken over are not retries."""
     timeout_ms: int | None = None
     tp: str | None = None
     due_at: int | None = None
@@ -104,6 +107,7 @@ class TaskState:
             submitted_at=int(fields["submitted_at"]),
             max_retries=int(fields.get("max_retries", 0)),
             retry_delay_ms=int(fields.get("retry_delay_ms", 1000)),
+            retries=opt_int("retries"),
             timeout_ms=opt_int("timeout_ms"),
             tp=fields.get("tp"),
             due_at=opt_int("due_at"),
@@ -196,6 +200,7 @@ def advance(s: TaskState, event: TaskEvent) -> None:
     elif isinstance(event, TaskRetryScheduled):
         s.state = "retry"
         s.due_at = event.due_at
+        s.retries = (s.retries or 0) + 1
     elif isinstance(event, TaskCancelRequested):
         s.cancel_requested = "1"
     elif isinstance(event, TaskCancelled):
