@@ -368,3 +368,29 @@ async def test_a_refused_import_writes_nothing(
 
     assert await copy.import_log(whole_a) == {"a": len(whole_a)}
     assert await copy.verify_projections("a") == []
+
+
+async def test_verify_reports_and_rebuild_repairs_what_the_log_cannot_reach(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """A task record with no events and a deferred task missing from the
+    schedule are differences; rebuild deletes the one and reschedules the
+    other."""
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("later", "q", ok, 1, _defer_by=timedelta(hours=1))
+    keys = QueueKeys(prefix, "q")
+    due = await client.zscore(keys.sched, "later")
+    assert due is not None
+    assert await manager.verify_projections("q") == []
+
+    await client.hset(keys.task("stray[1]"), mapping={"state": "queued"})
+    await client.zrem(keys.sched, "later")
+    differences = {d.key: d for d in await manager.verify_projections("q")}
+    assert set(differences) == {"task stray[1]", "sched"}
+    assert differences["sched"].fields == ["later"]
+    assert differences["sched"].folded == {"later": str(int(due))}
+
+    await manager.rebuild_projections("q")
+    assert await manager.verify_projections("q") == []
+    assert not await client.exists(keys.task("stray[1]"))
+    assert await client.zscore(keys.sched, "later") == due

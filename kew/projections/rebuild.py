@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterable
 from typing import Any, cast
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 _CHUNK = 1000
+_SCAN_COUNT = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,25 @@ class QueueFold:
     stats: dict[str, int]
     breaker: BreakerState | None
     events: int
+    last_id: str | None = None
+    """The last event folded (None if the live log held none)."""
+    snapshot: Snapshot | None = None
+    """What retention had trimmed before the fold, folded in first."""
+
+    @property
+    def existed(self) -> bool:
+        """Did the queue have any event up to the end of the fold?"""
+        return self.events > 0 or self.snapshot is not None
+
+    @property
+    def schedule(self) -> dict[str, int]:
+        """The schedule: task id -> due time (ms) of each deferred task and
+        each retry waiting for its delay."""
+        return {
+            t.task_id: t.due_at
+            for t in self.tasks.values()
+            if t.state in ("scheduled", "retry") and t.due_at is not None
+        }
 
     @property
     def ended(self) -> dict[str, str]:
@@ -115,10 +136,12 @@ class Folder:
         self.tasks: dict[str, TaskState] = {}
         self.breaker: BreakerState | None = snapshot.breaker if snapshot else None
         self.events = 0
+        self.last_id: str | None = None
 
     def feed(self, events: Iterable[Event]) -> None:
         tasks = self.tasks
         breaker = self.breaker
+        event: Event | None = None
         for event in events:
             self.events += 1
             task = tasks.get(event.task_id) if event.task_id else None
@@ -129,13 +152,17 @@ class Folder:
             elif task is not None and isinstance(event, TaskEvent):
                 advance(task, event)
         self.breaker = breaker
+        if event is not None:
+            self.last_id = event.id
 
     def result(self) -> QueueFold:
         stats = count_states(self.tasks.values())
         if self.snapshot is not None:
             for state, count in self.snapshot.stats.items():
                 stats[state] = stats.get(state, 0) + count
-        return QueueFold(self.tasks, stats, self.breaker, self.events)
+        return QueueFold(
+            self.tasks, stats, self.breaker, self.events, self.last_id, self.snapshot
+        )
 
 
 def fold_events(events: Iterable[Event]) -> QueueFold:
@@ -182,11 +209,62 @@ async def _stored_hashes(
     return stored
 
 
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+async def _stray_tasks(
+    client: aioredis.Redis, keys: QueueKeys, folded: QueueFold
+) -> dict[str, dict[str, str]]:
+    """Task records of the queue that the log knows nothing of (by a SCAN of
+    the queue's own task keys): not folded, not archived by retention, and not
+    newer than the fold (a task submitted while it ran is not a stray)."""
+    pattern = _GLOB_SPECIAL.sub(r"\\\1", keys.task_prefix) + "*"
+    unknown: list[str] = []
+    cursor = 0
+    while True:
+        reply = await functions.guarded(
+            client.scan(cursor, match=pattern, count=_SCAN_COUNT)
+        )
+        cursor, found = cast(tuple[int, list[str]], reply)
+        for key in found:
+            task_id = key.removeprefix(keys.task_prefix)
+            if task_id not in folded.tasks:
+                unknown.append(task_id)
+        if cursor == 0:
+            break
+    strays: dict[str, dict[str, str]] = {}
+    through = folded.snapshot.through if folded.snapshot else None
+    for task_id, stored in zip(
+        unknown, await _stored_hashes(client, keys, unknown), strict=True
+    ):
+        last = stored.get("last_event")
+        if last and through and not _later(last, through):
+            continue  # its events were archived and trimmed; the record remains
+        if last and folded.last_id and _later(last, folded.last_id):
+            continue  # submitted after the fold read the log
+        if stored:
+            strays[task_id] = stored
+    return strays
+
+
+def _later(entry_id: str, other: str) -> bool:
+    a_ms, _, a_seq = entry_id.partition("-")
+    b_ms, _, b_seq = other.partition("-")
+    return (int(a_ms), int(a_seq or 0)) > (int(b_ms), int(b_seq or 0))
+
+
+async def _stored_schedule(client: aioredis.Redis, keys: QueueKeys) -> dict[str, int]:
+    reply = await functions.guarded(client.zrange(keys.sched, 0, -1, withscores=True))
+    return {member: int(score) for member, score in cast(list[Any], reply)}
+
+
 async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
     """Compare every stored projection of a queue with the fold of its log.
 
     A finished task whose record has expired is not a difference: expiry is
-    the record's lifetime, not a disagreement with history.
+    the record's lifetime, not a disagreement with history. A task record the
+    log knows nothing of is one, and so is a schedule that disagrees with the
+    due times of the deferred tasks and retries.
     """
     folded = await fold_queue(client, keys)
     task_ids = list(folded.tasks)
@@ -201,6 +279,22 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
         fields = same_hash(stored, expected)
         if fields:
             differences.append(Difference(f"task {task_id}", fields, stored, expected))
+
+    for task_id, stored in (await _stray_tasks(client, keys, folded)).items():
+        fields = ["state"] if "state" in stored else sorted(stored)
+        differences.append(Difference(f"task {task_id}", fields, stored, {}))
+
+    stored_schedule = await _stored_schedule(client, keys)
+    schedule = folded.schedule
+    fields = sorted(
+        name
+        for name in set(stored_schedule) | set(schedule)
+        if stored_schedule.get(name) != schedule.get(name)
+    )
+    if fields:
+        differences.append(
+            Difference("sched", fields, _mapping(stored_schedule), _mapping(schedule))
+        )
 
     stored_breaker = cast(dict[str, str], await client.hgetall(keys.breaker))
     expected_breaker = folded.breaker.to_hash() if folded.breaker else {}
@@ -238,7 +332,9 @@ async def rebuild(
     client: aioredis.Redis, keys: QueueKeys, *, expiry_seconds: int
 ) -> QueueFold:
     """Rewrite every projection of a queue from its log. A finished task gets
-    the rest of its lifetime as TTL; one whose lifetime is over is removed."""
+    the rest of its lifetime as TTL; one whose lifetime is over is removed, and
+    so is a task record the log knows nothing of. The schedule is set to the
+    due times of the deferred tasks and retries."""
     folded = await fold_queue(client, keys)
     now_ms = int(time.time() * 1000)
     states = list(folded.tasks.values())
@@ -267,7 +363,23 @@ async def rebuild(
         )
     if pending is not None:
         await pending
+    strays = await _stray_tasks(client, keys, folded)
+    stored_schedule = await _stored_schedule(client, keys)
+    schedule = folded.schedule
+    # A member the fold does not know may be a task deferred while this ran:
+    # only members of known (or stray) tasks are taken out.
+    unscheduled = [
+        task_id
+        for task_id in stored_schedule
+        if task_id not in schedule and (task_id in folded.tasks or task_id in strays)
+    ]
     async with client.pipeline(transaction=True) as pipe:
+        for i in range(0, len(strays), _CHUNK):
+            pipe.delete(*[keys.task(t) for t in list(strays)[i : i + _CHUNK]])
+        if unscheduled:
+            pipe.zrem(keys.sched, *unscheduled)
+        if schedule:
+            pipe.zadd(keys.sched, cast(Any, schedule))
         pipe.delete(keys.stats, keys.breaker, keys.ended)
         ended = folded.ended
         if ended:
