@@ -207,6 +207,10 @@ async def check_server(client: aioredis.Redis) -> str:
     return version
 
 
+_SILENT = logging.getLogger(__name__ + ".silent")
+_SILENT.disabled = True
+
+
 class Reconnect:
     """When a loop that talks to the server should try again, and what it logs.
 
@@ -218,13 +222,13 @@ class Reconnect:
 
     def __init__(
         self,
-        log: logging.Logger,
+        log: logging.Logger | None,
         what: str,
         *,
         first: float = 0.05,
         cap: float = 2.0,
     ) -> None:
-        self._log = log
+        self._log = log or _SILENT
         self.what = what
         """Who does what, e.g. "consumer X: fetch from queue q"."""
         self._first = first
@@ -232,18 +236,29 @@ class Reconnect:
         self._failures = 0
         self._since: float | None = None
 
+    @classmethod
+    def silent(cls) -> Reconnect:
+        """Backoff that logs nothing, for a caller whose outage something else
+        reports."""
+        return cls(None, "")
+
     @property
     def failing(self) -> bool:
         """Whether an outage is going on (a failure not yet followed by a
         success)."""
         return self._since is not None
 
-    def failed(self, exc: BaseException) -> float:
-        """Note a failed round; return the seconds to wait before the next."""
+    def failed(self, exc: BaseException, *, logged: bool = False) -> float:
+        """Note a failed round; return the seconds to wait before the next.
+        `logged`: the caller has logged this failure already (a bug, with its
+        traceback), so only the outage is noted."""
         if self._since is None:
             self._since = time.monotonic()
-            self._log.warning("%s failed (%s); retrying with backoff", self.what, exc)
-        else:
+            if not logged:
+                self._log.warning(
+                    "%s failed (%s); retrying with backoff", self.what, exc
+                )
+        elif not logged:
             self._log.debug("%s failed again (%s)", self.what, exc)
         delay = min(self._cap, self._first * 2**self._failures)
         self._failures = min(self._failures + 1, 32)

@@ -26,6 +26,29 @@ Invariants:
 * The task function runs in a task of its own, so that `cancel_task` can
   cancel the function without cancelling the bookkeeping around it.
 
+Losing the server (a dropped connection, a restart) is survived by retrying,
+never by resending blindly:
+
+* The fetch and maintain loops start their next round after a capped,
+  jittered exponential backoff (`kew.connection.Reconnect`), with one warning
+  per outage. A fetch whose reply was lost leaves started attempts this
+  consumer does not know of; `maintain` makes them idle at once, so they run
+  again (a new attempt) here or elsewhere.
+* The blocking wait is a plain XREAD that claims nothing, so a lost reply
+  costs nothing; it runs under a client-side deadline (`BLOCK_MS` plus
+  `READ_MARGIN`), so a half-open connection cannot stall fetching for ever.
+* A `finish` call that fails for want of a connection is repeated with
+  backoff for up to one lease (the entry stays held and renewed meanwhile).
+  `finish` is fenced, so a repeat is harmless; when the first call was in
+  fact recorded and only its reply was lost, the repeat is refused, and the
+  task's history, which then holds this consumer's outcome of this attempt,
+  tells it apart from a real fence.
+
+Known limitations: an outage longer than a lease may let another consumer take
+over the attempts this one was running or recording, which then run again
+(at-least-once); `shutdown` abandons, after a short grace, a task function that
+ignores its cancellation (it is logged, and its entry is handed back anyway).
+
 Policies (retries, the breaker, due times) are decided by the functions; this
 module only waits as they say: until the breaker's reset time, until the next
 due task, or for a new entry.
@@ -47,13 +70,21 @@ import redis.exceptions as rex
 
 from kew import functions
 from kew.attempts import Attempt, FinishBatcher, Outcome
-from kew.errors import KewError
+from kew.connection import Reconnect
+from kew.errors import ConnectionFailedError, KewError
+from kew.events.models import (
+    TaskCancelled,
+    TaskFailed,
+    TaskRetryScheduled,
+    TaskSucceeded,
+)
 from kew.execution import run_attempt
 from kew.hooks import Hooks
 from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
 from kew.permits import Slots
 from kew.registry import Registry
+from kew.status import history
 from kew.telemetry import Telemetry, internal
 
 __all__ = ["Consumer"]
@@ -62,6 +93,14 @@ logger = logging.getLogger(__name__)
 
 BLOCK_MS = 10_000
 """How long one wait for a new entry lasts before it is reissued."""
+READ_MARGIN = 5.0
+"""Seconds a blocking read may overrun its BLOCK before the connection is
+taken for dead (half-open) and dropped."""
+CANCEL_GRACE = 1.0
+"""Seconds `stop` gives cancelled attempts, and the recording of outcomes,
+before it abandons them."""
+RELEASE_TIMEOUT = 2.0
+"""Seconds `stop` waits for the server to take back this consumer's entries."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
 breaker is taken (the only state in which a consumer polls)."""
@@ -102,7 +141,7 @@ class Consumer:
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
         self._functions: dict[str, asyncio.Future[Any]] = {}
-        self._batcher = FinishBatcher(self._record)
+        self._batcher = FinishBatcher(self._record_surely)
         self._stopping = False
         self._stopped = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
@@ -149,27 +188,27 @@ class Consumer:
             await asyncio.wait(tasks, timeout=timeout)
         for _, task in list(self.running.values()):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._batcher.drain()
+        await self._settle_within(tasks, CANCEL_GRACE)
 
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
         try:
-            released = await functions.call(
-                self.client,
-                "release",
-                self.keys.queue_keys,
-                [
-                    self.name,
-                    self.keys.task_prefix,
-                    "its consumer shut down",
-                    self.expiry_seconds,
-                    self.keys.finished_channel,
-                ],
-            )
-            await functions.guarded(self.client.delete(self.keys.worker(self.name)))
-        except KewError as exc:
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                released = await functions.call(
+                    self.client,
+                    "release",
+                    self.keys.queue_keys,
+                    [
+                        self.name,
+                        self.keys.task_prefix,
+                        "its consumer shut down",
+                        self.expiry_seconds,
+                        self.keys.finished_channel,
+                    ],
+                )
+                await functions.guarded(self.client.delete(self.keys.worker(self.name)))
+        except (KewError, TimeoutError) as exc:
             logger.warning(
                 "consumer %s could not hand back its entries (%s); they will be "
                 "taken over after the lease",
@@ -185,6 +224,39 @@ class Consumer:
                     self.keys.queue,
                 )
         logger.info("consumer %s left queue %s", self.name, self.keys.queue)
+
+    async def _settle_within(
+        self, tasks: list[asyncio.Task[None]], grace: float
+    ) -> None:
+        """Give cancelled attempts, then the recording of outcomes, `grace`
+        seconds in all; log what is left (a task function that ignores its
+        cancellation, a server that does not answer)."""
+        deadline = time.monotonic() + grace
+        if tasks:
+            _, left = await asyncio.wait(tasks, timeout=grace)
+            if left:
+                logger.warning(
+                    "consumer %s: %d attempts of queue %s did not stop within "
+                    "%.1f s of being cancelled (their task functions ignore "
+                    "cancellation); leaving them, their tasks are handed back: %s",
+                    self.name,
+                    len(left),
+                    self.keys.queue,
+                    grace,
+                    ", ".join(sorted(t.get_name() for t in left)),
+                )
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                await self._batcher.drain()
+        except TimeoutError:
+            logger.warning(
+                "consumer %s: outcomes on queue %s were still being recorded "
+                "after %.1f s; leaving them, their tasks are taken over after "
+                "the lease if they were not recorded",
+                self.name,
+                self.keys.queue,
+                grace,
+            )
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running task function of `task_id`, if it runs here."""
@@ -215,36 +287,30 @@ class Consumer:
     # -- fetching --------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        backoff = 0.05
+        reconnect = self._reconnect("fetch from")
         while not self._stopping:
             try:
                 await self._fetch_once()
-                backoff = 0.05
             except Exception as exc:
-                self._loop_failed("fetch from", exc)
-                await self._pause(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await self._pause(self._loop_failed(reconnect, exc))
+            else:
+                reconnect.succeeded()
 
-    def _loop_failed(self, what: str, exc: Exception) -> None:
-        """Log a failed round of a loop, which then carries on: a lost server
-        is a warning; anything else is a bug, logged with its traceback, that
-        still must not stop the consumer for good."""
+    def _reconnect(self, what: str) -> Reconnect:
+        return Reconnect(
+            logger, f"consumer {self.name}: {what} queue {self.keys.queue}"
+        )
+
+    @staticmethod
+    def _loop_failed(reconnect: Reconnect, exc: Exception) -> float:
+        """Note a failed round of a loop, which then carries on after the
+        returned delay: a lost server is one warning per outage; anything
+        else is a bug, logged with its traceback each time, that still must
+        not stop the consumer for good."""
         if isinstance(exc, KewError | rex.RedisError | OSError):
-            logger.warning(
-                "consumer %s cannot %s queue %s (%s); retrying",
-                self.name,
-                what,
-                self.keys.queue,
-                exc,
-            )
-        else:
-            logger.error(
-                "consumer %s failed to %s queue %s; retrying",
-                self.name,
-                what,
-                self.keys.queue,
-                exc_info=exc,
-            )
+            return reconnect.failed(exc)
+        logger.error("%s failed; retrying", reconnect.what, exc_info=exc)
+        return reconnect.failed(exc, logged=True)
 
     async def _fetch_once(self) -> None:
         await self.slots.acquire()
@@ -311,11 +377,23 @@ class Consumer:
                     block=block_ms,
                 )
             )
+        # No socket timeout on this connection (a block is not a dead server),
+        # so this deadline is what catches a half-open one. Running out of it
+        # cancels the read, and redis-py then drops the connection, whose
+        # late reply can no longer be mistaken for the next command's.
+        limit = block_ms / 1000 + READ_MARGIN
         try:
-            await self._read
+            async with asyncio.timeout(limit):
+                await self._read
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
+        except TimeoutError:
+            raise ConnectionFailedError(
+                f"The Redis server did not end a {block_ms} ms blocking read "
+                f"within {limit:g} s; the connection was dropped. Check the "
+                "network between this process and the server."
+            ) from None
         finally:
             self._read = None
 
@@ -437,6 +515,59 @@ class Consumer:
             functions=self._functions,
         )
 
+    async def _record_surely(self, outcomes: list[Outcome]) -> list[list[str]]:
+        """Record outcomes (`_record`), repeating the call with backoff for up
+        to one lease while the server cannot be reached. A repeat that is
+        refused because the first call was recorded after all counts as
+        recorded (see `_recorded_before`)."""
+        reconnect = self._reconnect("record outcomes on")
+        give_up = time.monotonic() + self._lease
+        repeated = False
+        while True:
+            try:
+                rows = await self._record(outcomes)
+            except ConnectionFailedError as exc:
+                delay = reconnect.failed(exc)
+                if self._stopping or time.monotonic() + delay > give_up:
+                    raise
+                repeated = True
+                await asyncio.sleep(delay)
+            else:
+                reconnect.succeeded()
+                break
+        if repeated:
+            for i, row in enumerate(rows):
+                if row[0] == "fenced":
+                    rows[i] = await self._recorded_before(outcomes[i]) or row
+
+        return rows
+
+    async def _recorded_before(self, outcome: Outcome) -> list[str] | None:
+        """The row `finish` returned for `outcome` if an earlier call recorded
+        it, found in the task's history: an outcome event of this attempt
+        written by this consumer (only its `finish` writes those); None if
+        there is none, or the history cannot be read."""
+        a = outcome.attempt
+        try:
+            events = await history(self.client, self.keys, a.task_id, 100)
+        except KewError:
+            return None
+        for event in reversed(events):
+            if event.attempt != a.attempt or event.actor != self.name:
+                continue
+            match event:
+                case TaskRetryScheduled():
+                    return ["ok", event.id, "retry", str(event.due_at)]
+                case TaskSucceeded():
+                    return ["ok", event.id, "completed", ""]
+                case TaskCancelled():
+                    return ["ok", event.id, "cancelled", ""]
+                case TaskFailed():
+                    return ["ok", event.id, "failed", ""]
+                case _:
+                    continue
+        return None
+
     async def _record(self, outcomes: list[Outcome]) -> list[list[str]]:
         keys = list(self.keys.queue_keys)
         args: list[str | int | float] = [
@@ -466,15 +597,22 @@ class Consumer:
     # -- leases ----------------------------------------------------------
 
     async def _maintain_loop(self) -> None:
+        reconnect = self._reconnect("renew the leases on")
         while not self._stopping:
             try:
                 await self._maintain_once()
             except Exception as exc:
-                self._loop_failed("renew its leases on", exc)
+                failed = self._loop_failed(reconnect, exc)
+            else:
+                reconnect.succeeded()
+                failed = None
             # A little jitter keeps many consumers from renewing in lockstep;
             # a task due sooner than the next renewal wakes the loop earlier,
             # and its promotion wakes every consumer waiting for an entry.
+            # After a failure the next round may come sooner, with backoff.
             pause = self._lease / 3 * random.uniform(0.9, 1.0)
+            if failed is not None:
+                pause = min(pause, failed)
             if self._next_due is not None:
                 pause = min(pause, max(self._next_due - time.monotonic(), 0.001))
             self._wake.clear()

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, cast
 import redis.asyncio as aioredis
 
 from kew.audit import export_lines
-from kew.errors import ConfigurationError, TaskNotFoundError, WaitTimeoutError
+from kew.connection import Reconnect
+from kew.errors import (
+    ConfigurationError,
+    ConnectionFailedError,
+    TaskNotFoundError,
+    WaitTimeoutError,
+)
 from kew.events.models import Event
 from kew.functions import guarded
 from kew.keys import QueueKeys
@@ -158,7 +164,8 @@ class Reads:
 
         Blocks on a notification from the server, not a polling loop. Raises
         WaitTimeoutError after `timeout` seconds (None waits for ever) and
-        TaskNotFoundError for an unknown task.
+        TaskNotFoundError for an unknown task. A read that fails for want of a
+        connection, once waiting, is repeated with backoff (within `timeout`).
         """
         queue = queue_name or self._task_queue.get(task_id)
         if queue is None:
@@ -186,11 +193,20 @@ class Reads:
                         waiters.discard(queue, task_id, future)
                 # Subscribed first, then read: an end in between is not missed.
                 await waiters.subscribe(queue, channel)
+                backoff = Reconnect.silent()
                 while True:
                     future = waiters.register(queue, task_id)
                     try:
-                        with internal():  # waiting's own read: no span
-                            info = await self.get_task_status(task_id, queue_name=queue)
+                        try:
+                            with internal():  # waiting's own read: no span
+                                info = await self.get_task_status(
+                                    task_id, queue_name=queue
+                                )
+                        except ConnectionFailedError as exc:
+                            # A read is safe to repeat. Quietly: the consumers
+                            # and the listener report the outage.
+                            await asyncio.sleep(backoff.failed(exc))
+                            continue
                         state = info.status.value
                         if info.status.finished:
                             return info
