@@ -3,8 +3,8 @@
 Runs N no-op tasks (submitted one at a time, max_workers 100, producer and
 consumer in one process) three ways, interleaved over several rounds:
 
-    off   kew's telemetry calls replaced by do-nothing stubs: the cost of kew
-          without this feature
+    off   kew's telemetry calls replaced by do-nothing stubs, and no metrics
+          sampler: the cost of kew without this feature
     api   the default: opentelemetry-api only, no SDK (no-op tracer and meter)
     sdk   an SDK TracerProvider (BatchSpanProcessor into an in-memory
           exporter) and MeterProvider (an in-memory metric reader)
@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
+import kew.manager
 from kew import QueueConfig, QueuePriority, TaskQueueManager
 from kew.attempts import Attempt, Outcome
 from kew.server import EmbeddedServer
@@ -82,8 +83,10 @@ class NoTelemetry(Telemetry):
     def process(self, *args: Any, **kwargs: Any) -> Any:
         return _Nothing()
 
-    async def sample_forever(self, *args: Any, **kwargs: Any) -> None:
-        await asyncio.Event().wait()
+
+async def no_sampler(*args: Any, **kwargs: Any) -> None:
+    """Stands in for kew.sampler.sample_forever, which the manager starts."""
+    await asyncio.Event().wait()
 
 
 class Sdk:
@@ -121,15 +124,23 @@ async def run_tasks(url: str, n: int, mode: str) -> float:
         }
     prefix = f"bench-otel-{secrets.token_hex(4)}"
     manager = TaskQueueManager(redis_url=url, key_prefix=prefix, **providers)
+    sampler = kew.manager.sample_forever
     if mode == "off":
         manager._telemetry = NoTelemetry()  # pyright: ignore[reportPrivateUsage]
-    async with manager:
-        await manager.create_queue(QueueConfig(name="q", max_workers=100, max_size=n))
-        started = time.perf_counter()
-        for i in range(n):
-            await manager.submit_task(f"t{i}", "q", noop)
-        await asyncio.wait_for(done.wait(), timeout=120)
-        elapsed = time.perf_counter() - started
+        # The manager starts the name it imported from kew.sampler.
+        kew.manager.sample_forever = no_sampler
+    try:
+        async with manager:
+            await manager.create_queue(
+                QueueConfig(name="q", max_workers=100, max_size=n)
+            )
+            started = time.perf_counter()
+            for i in range(n):
+                await manager.submit_task(f"t{i}", "q", noop)
+            await asyncio.wait_for(done.wait(), timeout=120)
+            elapsed = time.perf_counter() - started
+    finally:
+        kew.manager.sample_forever = sampler
     await delete_prefix(url, prefix)
     if sdk is not None:
         sdk.tracer_provider.force_flush()
