@@ -80,8 +80,13 @@ class Loop:
     """One consumer: fetch up to the free slots, run, complete in batches."""
 
     def __init__(self, url: str, concurrency: int) -> None:
-        self.client = aioredis.Redis.from_url(url, decode_responses=True)
-        self.blocking = aioredis.Redis.from_url(url, decode_responses=True)
+        # No socket timeout, as in kew (kew/connection.py): with redis-py 8 on
+        # Python 3.11 a cancel that lands while a command is sent under that
+        # timeout is sometimes swallowed (asyncio.wait_for), and the loop
+        # then never stops.
+        options: dict[str, Any] = {"decode_responses": True, "socket_timeout": None}
+        self.client = aioredis.Redis.from_url(url, **options)
+        self.blocking = aioredis.Redis.from_url(url, **options)
         self.concurrency = concurrency
         self.inflight = 0
         self.max_inflight = 0
@@ -164,6 +169,7 @@ async def drain(url: str, n: int, concurrency: int) -> dict[str, Any]:
         await loop.freed.wait()
         loop.freed.clear()
     seconds = time.perf_counter() - t0
+    loop.stopping = True
     consumer.cancel()
     await asyncio.gather(consumer, return_exceptions=True)
     await loop.close()
@@ -188,6 +194,7 @@ async def latency(url: str, n: int) -> dict[str, Any]:
         await done
         if i >= 20:
             times.append((time.perf_counter() - t0) * 1000)
+    loop.stopping = True
     consumer.cancel()
     await asyncio.gather(consumer, return_exceptions=True)
     await loop.close()

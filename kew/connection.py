@@ -3,14 +3,14 @@
 The URL is, in order: the `redis_url` argument, `KEW_REDIS_URL`, or else the
 embedded server (kew.server).
 
-Two redis-py settings are deliberate:
+Three redis-py settings are deliberate:
 
 * Its own retries are off: a retried FCALL whose first reply was lost would run
   twice, and kew's write paths decide for themselves what is safe to repeat.
 * Commands are packed by hiredis when it is installed (it is a dependency):
   redis-py's asyncio client packs them in Python, which costs microseconds
   per argument on kew's hot paths.
-* Its socket timeout is off. With redis-py 8.1 on Python 3.11, cancelling a
+* Its socket timeout is off. With redis-py 8 on Python 3.11, cancelling a
   task while a command waits under that timeout is sometimes swallowed (the
   task goes on running, and `asyncio.run` then never finishes at exit).
   Commands are bounded instead by `asyncio.timeout` in `kew.functions.guarded`.
