@@ -369,14 +369,16 @@ class Consumer:
         arrives, or `block_ms` passes. A plain XREAD, outside the group: it
         claims nothing, so the next fetch takes entries by priority and by
         free slots, and a consumer that stops here holds nothing."""
+        streams: dict[Any, Any] = dict(zip(self.keys.ready_all, after, strict=True))
+
+        async def read() -> Any:
+            # The command is made inside the read's own task: a task cancelled
+            # before its first step (by `stop`) never runs its coroutine, and
+            # a redis-py coroutine made outside would be left never awaited.
+            return await self.blocking_client.xread(streams, count=1, block=block_ms)
+
         with internal():  # the read's task copies this context
-            self._read = asyncio.ensure_future(
-                self.blocking_client.xread(
-                    dict(zip(self.keys.ready_all, after, strict=True)),
-                    count=1,
-                    block=block_ms,
-                )
-            )
+            self._read = asyncio.ensure_future(read())
         # No socket timeout on this connection (a block is not a dead server),
         # so this deadline is what catches a half-open one. Running out of it
         # cancels the read, and redis-py then drops the connection, whose
