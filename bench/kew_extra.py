@@ -3,11 +3,11 @@
 recovery --runs R       seconds from SIGKILL to the takeover (recovery.py)
 commands --n N          round trips and server commands per task
                         (commands_per_task.py)
-rebuild --events E --reps R [--profile FILE]
-                        write a log of E task.submitted events with
-                        submit_tasks (no consumer), then time
-                        rebuild_projections R times; also the log's
-                        MEMORY USAGE per entry
+rebuild --events E --reps R [--log submitted|drain] [--profile FILE]
+                        write a log of E events (task.submitted only, with
+                        submit_tasks; or a drained queue's: submitted,
+                        started, succeeded), then time rebuild_projections
+                        R times; also the log's MEMORY USAGE per entry
 inproc --n N            submit-and-await latency with the consumer in the
                         same process (what the floor measures)
 """
@@ -62,26 +62,41 @@ async def memory_per_entry(client: Any, key: str) -> dict[str, float]:
     return {"entries": length, "bytes": used, "bytes_per_entry": used / max(length, 1)}
 
 
+async def write_log(m: TaskQueueManager, events: int, kind: str) -> None:
+    """A log of about `events` events on queue "rebuild": task.submitted only
+    (`submitted`, the most task hashes per event, the worst case for a
+    rebuild), or a drained queue's (`drain`: submitted, started, succeeded)."""
+    tasks = events if kind == "submitted" else events // 3
+    for lo in range(0, tasks, 1000):
+        batch = [
+            {"task_id": f"t{i}", "task_func": "bench.noop", "args": [i]}
+            for i in range(lo, min(lo + 1000, tasks))
+        ]
+        await m.submit_tasks("rebuild", batch)
+    if kind == "drain":
+        await m.attach_queue("rebuild")
+        while (await m.get_queue_status("rebuild"))["completed_tasks"] < tasks:
+            await asyncio.sleep(0.1)
+
+
 async def run_rebuild(args: argparse.Namespace) -> dict[str, Any]:
     events = args.events
-    config = QueueConfig(name="rebuild", max_workers=1, max_size=events + 1)
+    config = QueueConfig(name="rebuild", max_workers=100, max_size=events + 1)
+    t0 = time.perf_counter()
     async with TaskQueueManager(args.url, consume=False, key_prefix="rb") as m:
         await m.create_queue(config)
-        t0 = time.perf_counter()
-        for lo in range(0, events, 1000):
-            batch = [
-                {"task_id": f"t{i}", "task_func": "bench.noop", "args": [i]}
-                for i in range(lo, min(lo + 1000, events))
-            ]
-            await m.submit_tasks("rebuild", batch)
-        write_s = time.perf_counter() - t0
+    async with TaskQueueManager(args.url, key_prefix="rb") as m:
+        await write_log(m, events, args.log)
+    write_s = time.perf_counter() - t0
+    async with TaskQueueManager(args.url, consume=False, key_prefix="rb") as m:
         keys = QueueKeys("rb", "rebuild")
         memory = await memory_per_entry(m.client, keys.log)
         times: list[float] = []
+        cpu: list[float] = []
         folded = 0
         for rep in range(args.reps):
             profile = cProfile.Profile() if args.profile and rep == 0 else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if profile is not None:
                 profile.enable()
             fold = await m.rebuild_projections("rebuild")
@@ -89,15 +104,18 @@ async def run_rebuild(args: argparse.Namespace) -> dict[str, Any]:
                 profile.disable()
                 profile.dump_stats(args.profile)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             folded = fold
         differences = await m.verify_projections("rebuild")
     median = statistics.median(times)
     return {
+        "log": args.log,
         "events": memory["entries"],
         "folded": folded,
         "write_s": write_s,
-        "write_events_per_s": events / write_s,
+        "write_events_per_s": memory["entries"] / write_s,
         "rebuild_s": times,
+        "rebuild_cpu_s": cpu,
         "median_s": median,
         "events_per_s": memory["entries"] / median,
         "verify_differences": len(differences),
@@ -135,6 +153,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", default="")
+    parser.add_argument("--log", choices=["submitted", "drain"], default="submitted")
     args = parser.parse_args()
     commands = {
         "recovery": run_recovery,

@@ -33,6 +33,11 @@ TARGETS = [
     Target("single submit", ">= 1x best peer", True, 1.0),
     Target("batch submit", ">= 2x best batch API", True, 2.0),
 ]
+REBUILDS = [
+    ("rebuild", "task.submitted only"),
+    ("rebuild_drain", "a drained queue's log"),
+]
+"""The rebuild rows: the worst case (a task hash per event) and a common log."""
 SCENARIOS = ["drain", "latency", "single submit", "batch submit", "sleep"]
 
 
@@ -126,18 +131,19 @@ def summarize(rows: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, A
                 "met": value < 3.0,
             }
         )
-    if "rebuild" in extras:
-        value = extras["rebuild"]["events_per_s"]
+    for name, what in REBUILDS:
+        if "events_per_s" not in extras.get(name, {}):
+            continue
+        value = extras[name]["events_per_s"]
         verdicts.append(
             {
-                "scenario": "rebuild projections",
+                "scenario": f"rebuild projections ({what})",
                 "target": ">= 100,000 events/s",
                 "kew": value,
                 "best_peer": "",
                 "best_value": 100_000.0,
                 "ratio": value / 100_000,
-                "met": value >= 100_000
-                and extras["rebuild"]["verify_differences"] == 0,
+                "met": value >= 100_000 and extras[name]["verify_differences"] == 0,
             }
         )
     return {"verdicts": verdicts}
@@ -233,15 +239,18 @@ def _extras_table(extras: dict[str, Any], med: dict[tuple[str, str], Any]) -> Ta
     table = Table(title="kew only")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    if "rebuild" in extras:
-        rb = extras["rebuild"]
+    for name, what in REBUILDS:
+        rb = extras.get(name, {})
+        if "events_per_s" not in rb:
+            continue
         table.add_row(
-            f"rebuild_projections, {rb['events']:,} events",
+            f"rebuild_projections, {rb['events']:,} events ({what})",
             f"{_fmt(rb['events_per_s'])} events/s ({_fmt(rb['median_s'])} s)",
         )
+    if "memory" in extras.get("rebuild", {}):
         table.add_row(
             "log memory per event (submitted only)",
-            f"{rb['memory']['bytes_per_entry']:.0f} bytes",
+            f"{extras['rebuild']['memory']['bytes_per_entry']:.0f} bytes",
         )
     drain = med.get(("kew", "drain"))
     if drain and "log" in drain["raw"][0]:

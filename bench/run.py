@@ -90,12 +90,8 @@ def kew_extras(runner: Scenarios, sizes: Sizes, reps: int) -> dict[str, Any]:
         ("recovery", lambda: runner.extra("recovery", ["--runs", str(reps)])),
         ("commands", lambda: runner.extra("commands", ["--n", str(sizes.commands_n)])),
         ("inproc", lambda: runner.extra("inproc", ["--n", str(sizes.latency)])),
-        (
-            "rebuild",
-            lambda: runner.extra(
-                "rebuild", ["--events", str(sizes.rebuild_events), "--reps", str(reps)]
-            ),
-        ),
+        ("rebuild", lambda: _rebuild(runner, sizes, reps, "submitted")),
+        ("rebuild_drain", lambda: _rebuild(runner, sizes, reps, "drain")),
         ("floor_drain", lambda: _floor(runner, "drain", sizes.drain, reps)),
         ("floor_latency", lambda: _floor(runner, "latency", sizes.latency, reps)),
     ]
@@ -106,6 +102,11 @@ def kew_extras(runner: Scenarios, sizes: Sizes, reps: int) -> dict[str, Any]:
         except Failed as exc:
             out[name] = {"error": str(exc)}
     return out
+
+
+def _rebuild(runner: Scenarios, sizes: Sizes, reps: int, log: str) -> dict[str, Any]:
+    argv = ["--events", str(sizes.rebuild_events), "--reps", str(reps), "--log", log]
+    return runner.extra("rebuild", argv)
 
 
 def _floor(runner: Scenarios, what: str, n: int, reps: int) -> dict[str, Any]:
@@ -168,8 +169,9 @@ def problems(rows: list[dict[str, Any]], extras: dict[str, Any]) -> list[str]:
             why = r["raw"].get("error") or r["checks"]
             found.append(f"{r['lib']} {r['scenario']} rep {r['rep'] + 1}: {why}")
     found += [f"{name}: {e['error']}" for name, e in extras.items() if "error" in e]
-    if extras.get("rebuild", {}).get("verify_differences"):
-        found.append("rebuild: projections differ from the log")
+    for name in ("rebuild", "rebuild_drain"):
+        if extras.get(name, {}).get("verify_differences"):
+            found.append(f"{name}: projections differ from the log")
     for text in found:
         say(f"VERIFICATION FAILED: {text}")
     return found

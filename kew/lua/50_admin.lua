@@ -97,11 +97,9 @@ local function restore(keys, args)
     local ttl, n = tonumber(args[pos]), tonumber(args[pos + 1])
     redis.call('DEL', task)
     if ttl >= 0 then
-      local cmd = {'HSET', task}
-      for j = 1, 2 * n do
-        cmd[#cmd + 1] = args[pos + 1 + j]
-      end
-      redis.call(unpack(cmd))
+      -- unpack straight from ARGV: copying the pairs into a table of their
+      -- own first costs more than both writes.
+      redis.call('HSET', task, unpack(args, pos + 2, pos + 1 + 2 * n))
       if ttl > 0 then
         redis.call('PEXPIRE', task, ttl)
       end
