@@ -53,7 +53,7 @@ from kew.keys import (
 )
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.permits import Permits, SharedCapacity, Slots
-from kew.reads import QueueHandle, Reads
+from kew.reads import NOT_CONNECTED, QueueHandle, Reads
 from kew.registry import Registry
 from kew.registry import registry as default_registry
 from kew.sampler import sample_forever
@@ -251,6 +251,7 @@ class TaskQueueManager(Reads):
         )
         if self._waiters is not None:
             await self._waiters.close()
+            self._waiters = None
         for queue in self._queues.values():
             if queue.blocking_client is not None:
                 await queue.blocking_client.aclose()
@@ -266,10 +267,7 @@ class TaskQueueManager(Reads):
     def client(self) -> aioredis.Redis:
         """The manager's Redis client (after `initialize`)."""
         if self._client is None:
-            raise KewError(
-                "The TaskQueueManager is not connected: await manager.initialize() "
-                "first, or use `async with TaskQueueManager() as manager`."
-            )
+            raise KewError(NOT_CONNECTED)
         return self._client
 
     # -- queues ----------------------------------------------------------

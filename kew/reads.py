@@ -19,6 +19,7 @@ from kew.connection import Reconnect
 from kew.errors import (
     ConfigurationError,
     ConnectionFailedError,
+    KewError,
     TaskNotFoundError,
     WaitTimeoutError,
 )
@@ -42,7 +43,12 @@ from kew.waiters import Waiters
 if TYPE_CHECKING:
     from kew.consumer import Consumer
 
-__all__ = ["Reads"]
+__all__ = ["NOT_CONNECTED", "Reads"]
+
+NOT_CONNECTED = (
+    "The TaskQueueManager is not connected: await manager.initialize() first, or "
+    "use `async with TaskQueueManager() as manager`."
+)
 
 
 class QueueHandle:
@@ -164,26 +170,31 @@ class Reads:
 
         Blocks on a notification from the server, not a polling loop. Raises
         WaitTimeoutError after `timeout` seconds (None waits for ever) and
-        TaskNotFoundError for an unknown task. A read that fails for want of a
-        connection, once waiting, is repeated with backoff (within `timeout`).
+        TaskNotFoundError for an unknown task. The status is read at least
+        once, so a task that has ended is returned even with `timeout=0` (a
+        timeout too short for any read is exceeded by that one read). A read
+        that fails for want of a connection, once waiting, is repeated with
+        backoff (within `timeout`).
         """
+        waiters = self._waiters_ready()
         queue = queue_name or self._task_queue.get(task_id)
+        last: TaskInfo | None = None
+        """The last status read."""
         if queue is None:
             with internal():
                 queue, fields = await self._find(task_id, None)
-            info = task_info(queue, task_id, fields)
-            if info.status.finished:
-                return info
-        waiters = cast(Waiters, self._waiters)
+            last = task_info(queue, task_id, fields)
+            if last.status.finished:
+                return last
         channel = self._queues_keys(queue).finished_channel
-        state = "unknown"
+        unreachable = False
         try:
             async with asyncio.timeout(timeout):
                 submitted = self._submitted.get(task_id)
                 if (
                     submitted is not None
                     and waiters.heard_since(channel, submitted)
-                    and not waiters.ended_lately(queue, task_id)
+                    and not waiters.may_have_ended(queue, task_id, submitted)
                 ):
                     # Its end cannot have passed unheard: wait before reading.
                     future = waiters.register(queue, task_id)
@@ -198,26 +209,43 @@ class Reads:
                     future = waiters.register(queue, task_id)
                     try:
                         try:
-                            with internal():  # waiting's own read: no span
-                                info = await self.get_task_status(
-                                    task_id, queue_name=queue
-                                )
+                            last = await self._read_quietly(task_id, queue)
                         except ConnectionFailedError as exc:
                             # A read is safe to repeat. Quietly: the consumers
                             # and the listener report the outage.
+                            unreachable = True
                             await asyncio.sleep(backoff.failed(exc))
                             continue
-                        state = info.status.value
-                        if info.status.finished:
-                            return info
+                        if last.status.finished:
+                            return last
                         await future
                     finally:
                         waiters.discard(queue, task_id, future)
         except TimeoutError:
-            raise WaitTimeoutError(
-                f"Task {task_id!r} did not end within {timeout}s (it is {state}); "
-                "wait longer, or check its consumers."
-            ) from None
+            pass
+        if last is None and not unreachable:
+            # The time ran out before the first read (timeout=0, say): read
+            # once, so that a task that has ended is not reported as waited for.
+            last = await self._read_quietly(task_id, queue)
+            if last.status.finished:
+                return last
+        state = "unknown: the server could not be reached"
+        if last is not None:
+            state = last.status.value
+        raise WaitTimeoutError(
+            f"Task {task_id!r} did not end within {timeout}s (it is {state}); "
+            "wait longer, or check its consumers."
+        )
+
+    async def _read_quietly(self, task_id: str, queue: str) -> TaskInfo:
+        """The task's status, read for waiting (no span of its own)."""
+        with internal():
+            return await self.get_task_status(task_id, queue_name=queue)
+
+    def _waiters_ready(self) -> Waiters:
+        if self._waiters is None:
+            raise KewError(NOT_CONNECTED)
+        return self._waiters
 
     async def get_queue_status(
         self, queue_name: str, *, as_of: datetime | None = None

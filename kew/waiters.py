@@ -20,6 +20,13 @@ go unheard.
 Order matters: a waiter registers its future and waits until the subscription
 is confirmed *before* it reads the task's status, so an outcome recorded in
 between cannot slip past it.
+
+A waiter for a task submitted after its channel was confirmed may skip that
+first read: the task's end cannot have passed unheard. It must then know
+whether the end was heard already, and the memory of ends heard is bounded
+(`_ENDED_REMEMBERED`). So the time at which the latest forgotten end was
+heard is kept too: a task submitted before that instant may have ended and
+been forgotten, and its waiter reads first (`may_have_ended`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -36,6 +44,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from kew.connection import Reconnect
+from kew.functions import guarded
 
 __all__ = ["Waiters"]
 
@@ -59,8 +68,12 @@ class Waiters:
         """Finished channel -> its queue."""
         self._resubscribing: set[str] = set()
         """Channels lost with the connection, not confirmed again yet."""
-        self._ended: OrderedDict[tuple[str, str], None] = OrderedDict()
-        """Tasks whose end was heard lately, waiters or not (bounded)."""
+        self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """Tasks whose end was heard lately, waiters or not (bounded), with the
+        time (time.monotonic) it was first heard."""
+        self._forgotten_until = -math.inf
+        """The latest time at which an end was heard that `_ended` has since
+        forgotten."""
 
     def register(self, queue: str, task_id: str) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -81,14 +94,22 @@ class Waiters:
         confirmed = self._confirmed_at.get(channel)
         return confirmed is not None and confirmed <= moment
 
-    def ended_lately(self, queue: str, task_id: str) -> bool:
-        return (queue, task_id) in self._ended
+    def may_have_ended(self, queue: str, task_id: str, submitted: float) -> bool:
+        """Might the end of this task, submitted at `submitted`
+        (time.monotonic), have been heard already? Yes if it is remembered,
+        and also if an end heard after the submission has been forgotten."""
+        return (queue, task_id) in self._ended or submitted <= self._forgotten_until
 
     def notify(self, queue: str, task_id: str) -> None:
-        self._ended[(queue, task_id)] = None
+        """The task has ended: remember it and wake its waiters."""
+        self._ended.setdefault((queue, task_id), time.monotonic())
         if len(self._ended) > _ENDED_REMEMBERED:
-            self._ended.popitem(last=False)
-        for future in self._futures.pop((queue, task_id), ()):
+            _, heard = self._ended.popitem(last=False)
+            self._forgotten_until = max(self._forgotten_until, heard)
+        self._wake((queue, task_id))
+
+    def _wake(self, key: tuple[str, str]) -> None:
+        for future in self._futures.pop(key, ()):
             if not future.done():
                 future.set_result(None)
 
@@ -96,12 +117,12 @@ class Waiters:
         """Wake every waiter; each reads its task's status and waits again if
         the task has not ended."""
         for key in list(self._futures):
-            self.notify(*key)
+            self._wake(key)
 
     def _wake_queue(self, queue: str | None) -> None:
         """Wake the waiters of one queue's tasks (see `wake_all`)."""
         for key in [key for key in self._futures if key[0] == queue]:
-            self.notify(*key)
+            self._wake(key)
 
     async def subscribe(self, queue: str, channel: str) -> None:
         """Subscribe to a queue's finished channel; return once the server
@@ -111,19 +132,36 @@ class Waiters:
 
     async def listen(self, channel: str, handler: Callable[[str], object]) -> None:
         """Call `handler` with each message on `channel` (once subscribed;
-        this returns when the server confirmed the subscription)."""
-        event = self._confirmed.get(channel)
-        if event is None:
-            event = self._confirmed[channel] = asyncio.Event()
-            self._handlers[channel] = handler
+        this returns when the server confirmed the subscription). Raises
+        ConnectionFailedError (or another KewError) if the subscription
+        cannot be made; the next call tries again."""
+        while True:
+            event = self._confirmed.get(channel)
+            if event is None:
+                event = self._confirmed[channel] = asyncio.Event()
+                self._handlers[channel] = handler
+                # Shielded: a caller cancelled (its timeout ran out) must not
+                # leave a subscription half made, that no later call would make.
+                await asyncio.shield(self._subscribe(channel, event))
+            await event.wait()
+            if self._confirmed.get(channel) is event:
+                return
+            # The subscription that this caller waited for failed: try again.
+
+    async def _subscribe(self, channel: str, event: asyncio.Event) -> None:
+        try:
             if self._pubsub is None:
                 self._pubsub = self._client.pubsub()
-            await self._pubsub.subscribe(channel)
-            if self._listener is None:
-                self._listener = asyncio.create_task(
-                    self._listen(), name="kew task-finished listener"
-                )
-        await event.wait()
+            await guarded(self._pubsub.subscribe(channel))
+        except BaseException:
+            if self._confirmed.get(channel) is event:
+                del self._confirmed[channel]
+            event.set()  # whoever else waits for it tries again
+            raise
+        if self._listener is None:
+            self._listener = asyncio.create_task(
+                self._listen(), name="kew task-finished listener"
+            )
 
     async def _listen(self) -> None:
         reconnect = Reconnect(
