@@ -27,6 +27,8 @@ from kew.events.models import EVENT_TYPES, TaskEvent
 from kew.keys import QueueKeys
 from kew.projections import TaskState, apply, fold, fold_queue
 
+from .conftest import eventually
+
 MakeManager = Callable[..., Awaitable[TaskQueueManager]]
 
 
@@ -142,6 +144,57 @@ async def test_rebuilt_projection_equals_stored_after_mixed_workload(
     assert await worker.rebuild_projections("q") == folded.events
     assert await worker.verify_projections("q") == []
     assert (await worker.get_task_status("t1")).status is TaskStatus.COMPLETED
+
+
+async def test_an_id_reused_after_its_record_expired_keeps_log_and_projections_agreed(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """A second task under an expired task's id: the stats count both, the
+    index of ended tasks forgets the first at the second submit, and verify
+    and rebuild agree with what the functions wrote, while it runs and after."""
+    manager = await make_manager(task_expiry_seconds=1)
+    await manager.create_queue(QueueConfig(name="q"))
+    keys = QueueKeys(prefix, "q")
+    await manager.submit_task("again", "q", add, 1, b=1)
+    await manager.wait_for_task("again", 10)
+
+    async def expired() -> bool:
+        return await client.exists(keys.task("again")) == 0
+
+    await eventually(expired, what="the first task's record to expire")
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "second"
+
+    await manager.submit_task("again", "q", held)
+    await eventually(
+        lambda: _has_status(manager, "again", TaskStatus.PROCESSING),
+        what="the second task to start",
+    )
+    assert await manager.verify_projections("q") == []
+    gate.set()
+    assert (await manager.wait_for_task("again", 10)).result == "second"
+
+    stats = await client.hgetall(keys.stats)
+    assert _nonzero(stats) == {"completed": "2"}
+    assert await manager.verify_projections("q") == []
+    ended = await client.hgetall(keys.ended)
+    await manager.rebuild_projections("q")
+    assert await manager.verify_projections("q") == []
+    assert _nonzero(await client.hgetall(keys.stats)) == _nonzero(stats)
+    assert await client.hgetall(keys.ended) == ended
+
+
+def _nonzero(stats: dict[str, str]) -> dict[str, str]:
+    return {state: count for state, count in stats.items() if count != "0"}
+
+
+async def _has_status(
+    manager: TaskQueueManager, task_id: str, status: TaskStatus
+) -> bool:
+    return (await manager.get_task_status(task_id)).status is status
 
 
 def test_fold_is_pure_and_ignores_other_tasks() -> None:

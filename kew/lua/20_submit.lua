@@ -92,6 +92,9 @@ local function submit(keys, args)
       move(Q.stats, nil, 'queued')
     end
     redis.call(unpack(fields))
+    -- An id reused after its record expired: the index of ended tasks must
+    -- not say that this new task has ended.
+    redis.call('HDEL', Q.ended, task_id)
     reply[#reply + 1] = eid
     reply[#reply + 1] = rid
   end

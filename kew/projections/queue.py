@@ -2,7 +2,10 @@
 
 The stats hash counts tasks by their current state; each function moves a task
 from one counter to another in the same call that appends its event. Folded
-from the log, the same numbers are the count of the folded task states.
+from the log, the same numbers are the count of the folded task states, plus
+the tasks whose id was submitted again after their record expired (the fold
+keeps one state per id; the stats hash keeps counting the earlier task in the
+state it was left in; see `Folder` in kew/projections/rebuild.py).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import itertools
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -138,9 +139,12 @@ class Folder:
         self.breaker: BreakerState | None = snapshot.breaker if snapshot else None
         self.events = 0
         self.last_id: str | None = None
+        self.replaced: Counter[str] = Counter()
+        """Tasks whose id was submitted again (after their record expired),
+        by the state they were left in: the stats hash still counts them."""
 
     def feed(self, events: Iterable[Event]) -> None:
-        # The hot loop of a rebuild: locals only, one dict lookup per event.
+        # The hot loop of a rebuild: locals only, a dict lookup or two per event.
         tasks = self.tasks
         breaker = self.breaker
         event: Event | None = None
@@ -148,6 +152,9 @@ class Folder:
         for event in events:
             count += 1
             if isinstance(event, TaskSubmitted):  # never a breaker event
+                earlier = tasks.get(event.task_id)
+                if earlier is not None:  # an id reused after its record expired
+                    self.replaced[earlier.state] += 1
                 tasks[event.task_id] = submitted(event)
                 continue
             task_id = event.task_id
@@ -163,8 +170,9 @@ class Folder:
 
     def result(self) -> QueueFold:
         stats = count_states(self.tasks.values())
-        if self.snapshot is not None:
-            for state, count in self.snapshot.stats.items():
+        earlier = [self.replaced, self.snapshot.stats if self.snapshot else {}]
+        for counts in earlier:
+            for state, count in counts.items():
                 stats[state] = stats.get(state, 0) + count
         return QueueFold(
             self.tasks, stats, self.breaker, self.events, self.last_id, self.snapshot
