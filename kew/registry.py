@@ -101,9 +101,11 @@ class Registry:
         """Register `func` (under `name`, or its default name) and return it.
 
         Registering the same function again returns the existing entry. A name
-        already taken by a different function is an error, unless both are the
-        same code (a closure made again, or a module reloaded): then the newer
-        function replaces the older.
+        already taken by a different function is an error, unless the newer
+        one is the older one defined again (a module reloaded: the same code,
+        no closure, the same defaults), which then replaces it. Closures made
+        by one factory share their code and name, yet each runs with its own
+        captured values: each needs a name of its own.
         """
         known = self._by_func.get(id(func))
         if known is not None and known.func is func and name in (None, known.name):
@@ -119,11 +121,13 @@ class Registry:
             raise TaskFunctionError(f"Task name {name!r} is not valid: use a string.")
         current = self._by_name.get(name)
         if current is not None and current.func is not func:
-            if _code(current.func) is None or _code(current.func) is not _code(func):
+            if not _defined_again(current.func, func):
                 raise TaskFunctionError(
-                    f"The name {name!r} is already registered to {current.func!r}; "
-                    f"register {func!r} under another name with "
-                    "kew.task(name='...') or submit_task(..., task_name='...')."
+                    f"The name {name!r} is already registered to {current.func!r}, "
+                    f"so {func!r} cannot take it (closures of one factory, or "
+                    "methods of two objects, share a name but not what they "
+                    "run): give each its own name with submit_task(..., "
+                    "task_name='...') or kew.task(name='...')."
                 )
             self._by_func.pop(id(current.func), None)
         entry = TaskFunction(name, func)
@@ -138,8 +142,31 @@ class Registry:
         return sorted(self._by_name)
 
 
-def _code(func: object) -> object:
-    return getattr(func, "__code__", None)
+def _defined_again(old: object, new: object) -> bool:
+    """Is `new` the function `old` defined once more (a module reloaded), so
+    that running either is the same? Only with equal code in the same
+    globals; not for closures (each captures its own values), bound methods
+    of different objects, or other defaults."""
+    code = getattr(old, "__code__", None)
+    if code is None or code != getattr(new, "__code__", None):
+        return False
+    if _closure(old) is not None or _closure(new) is not None:
+        return False
+    for shared in ("__globals__", "__self__"):
+        if getattr(old, shared, None) is not getattr(new, shared, None):
+            return False
+    try:
+        return bool(
+            getattr(old, "__defaults__", None) == getattr(new, "__defaults__", None)
+            and getattr(old, "__kwdefaults__", None)
+            == getattr(new, "__kwdefaults__", None)
+        )
+    except Exception:  # a default whose == raises: not provably the same
+        return False
+
+
+def _closure(func: object) -> object:
+    return getattr(func, "__closure__", None)
 
 
 registry = Registry()

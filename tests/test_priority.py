@@ -4,6 +4,7 @@ share one manager's capacity."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,11 +27,17 @@ MakeManager = Callable[..., Awaitable[TaskQueueManager]]
 HIGH, MEDIUM, LOW = QueuePriority.HIGH, QueuePriority.MEDIUM, QueuePriority.LOW
 
 
+_LANES = itertools.count()
+
+
 class Lane:
     """One queue's single worker, held busy by a blocker until released, and
-    the order in which the tasks behind it then ran."""
+    the order in which the tasks behind it then ran. Its task functions are
+    closures over the lane, registered under the lane's own `name` (closures
+    of one factory cannot share a name)."""
 
     def __init__(self) -> None:
+        self.name = f"lane-{next(_LANES)}"
         self.order: list[str] = []
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
@@ -51,7 +58,9 @@ async def _held_queue(manager: TaskQueueManager, config: QueueConfig) -> Lane:
         await lane.block()
 
     await manager.create_queue(config)
-    await manager.submit_task("blocker", config.name, blocker)
+    await manager.submit_task(
+        "blocker", config.name, blocker, task_name=f"{lane.name}.block"
+    )
     await asyncio.wait_for(lane.entered.wait(), DEADLINE)
     return lane
 
@@ -138,10 +147,15 @@ async def _saturate(
 
     high_ids = [f"h{i:02}" for i in range(highs)]
     low_ids = [f"l{i:02}" for i in range(lows)]
+    name = f"{lane.name}.note"
     for task_id in high_ids:
-        await manager.submit_task(task_id, config.name, note, task_id, priority=HIGH)
+        await manager.submit_task(
+            task_id, config.name, note, task_id, priority=HIGH, task_name=name
+        )
     for task_id in low_ids:
-        await manager.submit_task(task_id, config.name, note, task_id, priority=LOW)
+        await manager.submit_task(
+            task_id, config.name, note, task_id, priority=LOW, task_name=name
+        )
     lane.release.set()
     await _wait_all(manager, ["blocker", *high_ids, *low_ids])
     return high_ids, low_ids, lane
