@@ -27,6 +27,7 @@ from typing import Any
 import pydantic_core
 
 from kew.attempts import Attempt, Outcome
+from kew.encoding import non_finite
 from kew.hooks import Hooks
 from kew.registry import TaskFunction
 
@@ -95,6 +96,15 @@ async def run_attempt(
             attempt,
             f"The result of task {attempt.task_id!r} is not JSON-serialisable "
             f"({exc}); return JSON types, or a pydantic model.",
+            "SerializationError",
+        )
+    bad = non_finite(value)
+    if bad is not None:
+        return _failure(
+            attempt,
+            f"The result of task {attempt.task_id!r} holds {bad}, which JSON "
+            "cannot represent; return finite numbers (None, or a string, for a "
+            "missing or unbounded value).",
             "SerializationError",
         )
     logger.info(

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import pydantic_core
 
+from kew.encoding import non_finite
 from kew.errors import (
     ConfigurationError,
     KewError,
@@ -323,19 +324,28 @@ def _prepare_one(
 
 def _encode(what: str, value: list[Any] | dict[str, Any], name: str) -> str:
     try:
-        return pydantic_core.to_json(value).decode()
+        encoded = pydantic_core.to_json(value).decode()
+        if non_finite(encoded) is None:
+            return encoded
     except pydantic_core.PydanticSerializationError:
         pass
+    # Something is wrong: find the argument to name.
     items = enumerate(value) if isinstance(value, list) else value.items()
     for key, item in items:
         try:
-            pydantic_core.to_json(item)
+            bad = non_finite(pydantic_core.to_json(item).decode())
         except pydantic_core.PydanticSerializationError as exc:
             raise SerializationError(
                 f"The {what} {key!r} of task function {name} is not JSON: "
                 f"{type(item).__name__} {item!r} ({exc}). Pass JSON types, "
                 "datetimes, UUIDs or pydantic models; kew never pickles."
             ) from None
+        if bad is not None:
+            raise SerializationError(
+                f"The {what} {key!r} of task function {name} holds {bad} "
+                f"({item!r}), which JSON cannot represent: pass finite numbers "
+                "(None, or a string, for a missing or unbounded value)."
+            )
     raise SerializationError(f"The arguments of {name} are not JSON.")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -311,6 +312,53 @@ async def test_non_json_result_fails_the_task_clearly(
     assert info.status is TaskStatus.FAILED
     assert info.error is not None
     assert "not JSON-serialisable" in info.error
+
+
+async def test_non_finite_numbers_are_refused_as_arguments(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """NaN and infinities are not JSON: an argument holding one is named in the
+    error at submit and nothing is queued; a string "NaN" is fine."""
+
+    async def takes(*values: Any, **named: Any) -> None:
+        return None
+
+    await manager.create_queue(QueueConfig(name="q"))
+    with pytest.raises(SerializationError, match=r"argument 1 .* holds NaN"):
+        await manager.submit_task("n", "q", takes, 1.5, float("nan"))
+    with pytest.raises(SerializationError, match=r"'limits' .* holds -Infinity"):
+        await manager.submit_task("n", "q", takes, limits={"low": -float("inf")})
+    with pytest.raises(SerializationError, match=r"'n' of the batch.*Infinity"):
+        await manager.submit_tasks(
+            "q", [{"task_id": "n", "task_func": takes, "args": [[float("inf")]]}]
+        )
+    assert await client.exists(QueueKeys(prefix, "q").task("n")) == 0
+    await manager.submit_task("s", "q", takes, "NaN", label="Infinity")
+    assert (await manager.wait_for_task("s", 10)).status is TaskStatus.COMPLETED
+
+
+async def test_a_non_finite_result_fails_the_attempt_clearly(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """A task function returning NaN fails its attempt with an error that says
+    why; the log stays JSON that a strict parser reads."""
+
+    async def ratio() -> dict[str, float]:
+        return {"ratio": float("nan")}
+
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("r", "q", ratio)
+    info = await manager.wait_for_task("r", timeout=10)
+    assert info.status is TaskStatus.FAILED
+    assert info.error is not None
+    assert "holds NaN" in info.error
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} in the log")
+
+    for _, fields in await client.xrange(QueueKeys(prefix, "q").log):
+        if "data" in fields:
+            json.loads(fields["data"], parse_constant=strict)
 
 
 async def test_arguments_come_back_as_their_annotated_types(
