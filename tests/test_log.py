@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from kew import QueueConfig, TaskAlreadyExistsError, TaskQueueManager, TaskStatus
+from kew import (
+    QueueConfig,
+    ServerError,
+    TaskAlreadyExistsError,
+    TaskQueueManager,
+    TaskStatus,
+)
 from kew.events import (
     Event,
     TaskFailed,
@@ -185,6 +191,25 @@ async def test_an_id_reused_after_its_record_expired_keeps_log_and_projections_a
     assert await manager.verify_projections("q") == []
     assert _nonzero(await client.hgetall(keys.stats)) == _nonzero(stats)
     assert await client.hgetall(keys.ended) == ended
+
+
+async def test_verify_turns_a_server_error_into_a_kew_error(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """Each projection verify reads, overwritten by hand with a value of the
+    wrong type, gives a ServerError (not redis-py's error); a rebuild then
+    repairs it."""
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("t", "q", fail, "once")
+    await manager.wait_for_task("t", 10)
+    keys = QueueKeys(prefix, "q")
+    for key in (keys.task("t"), keys.breaker, keys.ended, keys.stats):
+        await client.delete(key)
+        await client.set(key, "not a hash")
+        with pytest.raises(ServerError, match="WRONGTYPE"):
+            await manager.verify_projections("q")
+        await manager.rebuild_projections("q")
+        assert await manager.verify_projections("q") == [], key
 
 
 def _nonzero(stats: dict[str, str]) -> dict[str, str]:

@@ -278,7 +278,7 @@ async def tail(args: argparse.Namespace) -> int:
         while args.follow:
             reply = cast(
                 list[Any],
-                await client.xread({keys.log: last}, count=500, block=5000),
+                await guarded(client.xread({keys.log: last}, count=500, block=5000)),
             )
             for _, entries in reply or []:
                 show([decode(i, f) for i, f in entries])

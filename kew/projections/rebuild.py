@@ -219,7 +219,8 @@ async def _stored_hashes(
         async with client.pipeline(transaction=False) as pipe:
             for task_id in task_ids[i : i + _CHUNK]:
                 pipe.hgetall(keys.task(task_id))
-            stored.extend(cast(list[dict[str, str]], await pipe.execute()))
+            replies = await functions.guarded(pipe.execute())
+            stored.extend(cast(list[dict[str, str]], replies))
     return stored
 
 
@@ -272,6 +273,10 @@ async def _stored_schedule(client: aioredis.Redis, keys: QueueKeys) -> dict[str,
     return {member: int(score) for member, score in cast(list[Any], reply)}
 
 
+async def _hash(client: aioredis.Redis, key: str) -> dict[str, str]:
+    return cast(dict[str, str], await functions.guarded(client.hgetall(key)))
+
+
 async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
     """Compare every stored projection of a queue with the fold of its log.
 
@@ -310,7 +315,7 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
             Difference("sched", fields, _mapping(stored_schedule), _mapping(schedule))
         )
 
-    stored_breaker = cast(dict[str, str], await client.hgetall(keys.breaker))
+    stored_breaker = await _hash(client, keys.breaker)
     expected_breaker = folded.breaker.to_hash() if folded.breaker else {}
     fields = same_hash(stored_breaker, expected_breaker)
     if fields:
@@ -318,7 +323,7 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
             Difference("breaker", fields, stored_breaker, expected_breaker)
         )
 
-    stored_ended = cast(dict[str, str], await client.hgetall(keys.ended))
+    stored_ended = await _hash(client, keys.ended)
     ended = folded.ended  # computed on each access: take it once
     fields = sorted(
         name
@@ -328,7 +333,7 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
     if fields:
         differences.append(Difference("ended", fields, stored_ended, ended))
 
-    stored_stats = cast(dict[str, str], await client.hgetall(keys.stats))
+    stored_stats = await _hash(client, keys.stats)
     fields = same_stats(stored_stats, folded.stats)
     if fields:
         differences.append(
@@ -399,7 +404,7 @@ async def rebuild(
             pipe.hset(keys.stats, mapping=_mapping(folded.stats))
         if folded.breaker is not None:
             pipe.hset(keys.breaker, mapping=_mapping(folded.breaker.to_hash()))
-        await pipe.execute()
+        await functions.guarded(pipe.execute())
     return folded
 
 
