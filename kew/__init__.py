@@ -11,7 +11,6 @@ Streams.
 
 from kew.errors import (
     ConfigurationError,
-    ConflictError,
     ConnectionFailedError,
     KewError,
     QueueAlreadyExistsError,
@@ -36,7 +35,6 @@ __version__ = "1.0.0.dev0"
 
 __all__ = [
     "ConfigurationError",
-    "ConflictError",
     "ConnectionFailedError",
     "KewError",
     "QueueAlreadyExistsError",

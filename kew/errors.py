@@ -11,7 +11,6 @@
     ├── QueueProcessorError        the queue cannot take the task
     │   └── QueueFullError         ... because it holds max_size unfinished tasks
     ├── WaitTimeoutError           wait_for_task gave up (also a TimeoutError)
-    ├── ConflictError              a transition lost a race (state or version moved)
     ├── ConnectionFailedError      the server cannot be reached
     └── ServerError                the server misbehaved or cannot be started
         ├── ServerVersionError     the server is older than Redis 7.0 / Valkey 7.2
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
-    "ConflictError",
     "ConnectionFailedError",
     "KewError",
     "QueueAlreadyExistsError",
@@ -97,13 +95,6 @@ class QueueFullError(QueueProcessorError):
 
 class WaitTimeoutError(KewError, TimeoutError):
     """`wait_for_task` reached its timeout before the task ended."""
-
-
-class ConflictError(KewError):
-    """A transition was refused because the task's state or version moved on.
-
-    Seen only by code that drives transitions itself; the manager handles it.
-    """
 
 
 class ConnectionFailedError(KewError, ConnectionError):

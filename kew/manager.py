@@ -526,8 +526,9 @@ class TaskQueueManager(Reads):
         )
         if reply[0] == "missing":
             raise TaskNotFoundError(
-                f"Task {task_id!r} vanished while it was being cancelled (its "
-                "record expired)."
+                f"Task {task_id!r} vanished while it was being cancelled: it had "
+                "ended and its record expired, so there is nothing to cancel "
+                "(get_task_history() still has its events)."
             )
         if reply[0] == "cancelled":
             self._task_finished(queue, task_id)

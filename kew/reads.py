@@ -126,7 +126,9 @@ class Reads:
                 state = apply(state, event)
         if state is None:
             raise TaskNotFoundError(
-                f"Task {task_id!r} had not been submitted yet at {as_of.isoformat()}."
+                f"Task {task_id!r} had not been submitted yet at "
+                f"{as_of.isoformat()}: ask about a later instant (its history, "
+                "get_task_history(), shows when it was submitted)."
             )
         return task_info(queue, task_id, state.to_hash())
 
@@ -155,7 +157,9 @@ class Reads:
         if queue is None or not events:
             raise TaskNotFoundError(
                 f"No history of task {task_id!r} under prefix {self.key_prefix!r}: "
-                "it was never submitted, or its events were trimmed from the log."
+                "it was never submitted, or its events were trimmed from the log. "
+                "Check the id and the key prefix; trimmed events are in the "
+                "retention archive (kew history ID --archive FILE)."
             )
         return queue, events
 

@@ -84,7 +84,9 @@ async def find_task(
         if not fields:
             raise TaskNotFoundError(
                 f"Task {task_id!r} is not in queue {queue_name!r}: it was never "
-                "submitted there, or its record expired."
+                "submitted there, or its record expired. Check the id and the "
+                "queue (or leave queue_name out to search every queue); the "
+                "events of an expired task are still in get_task_history()."
             )
         return queue_name, cast(dict[str, str], fields)
     async with client.pipeline(transaction=False) as pipe:
@@ -95,7 +97,9 @@ async def find_task(
     if not found:
         raise TaskNotFoundError(
             f"No task {task_id!r} under prefix {prefix!r}: it was never submitted, "
-            "or its record expired (task_expiry_seconds after it ended)."
+            "or its record expired (task_expiry_seconds after it ended). Check "
+            "the id and the key prefix (key_prefix= or KEW_KEY_PREFIX); the "
+            "events of an expired task are still in get_task_history()."
         )
     if len(found) > 1:
         raise ConfigurationError(

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+import kew
+import kew.errors
 from kew import (
     ConfigurationError,
     ConnectionFailedError,
@@ -168,10 +172,13 @@ async def test_duplicate_task_id_is_rejected_even_after_it_finished(
 
 
 async def test_unknown_task_raises_task_not_found(manager: TaskQueueManager) -> None:
-    """Status of an id nobody submitted raises TaskNotFoundError naming it."""
+    """Status of an id nobody submitted raises TaskNotFoundError naming it and
+    what to check."""
     await manager.create_queue(QueueConfig(name="q"))
-    with pytest.raises(TaskNotFoundError, match="'ghost'"):
+    with pytest.raises(TaskNotFoundError, match=r"'ghost'.*Check the id and the key"):
         await manager.get_task_status("ghost")
+    with pytest.raises(TaskNotFoundError, match=r"'ghost'.*Check the id and the queue"):
+        await manager.get_task_status("ghost", queue_name="q")
     with pytest.raises(TaskNotFoundError):
         await manager.wait_for_task("ghost", timeout=1)
 
@@ -219,6 +226,24 @@ async def test_errors_share_one_root(manager: TaskQueueManager) -> None:
         WaitTimeoutError,
     ):
         assert issubclass(error, KewError)
+
+
+def test_every_exported_error_is_in_the_tree_and_raised_somewhere() -> None:
+    """The public errors are the ones drawn in kew.errors' docstring, and each
+    is raised by kew (itself or through a subclass): none is exported for
+    show."""
+    tree = kew.errors.__doc__ or ""
+    package = Path(kew.__file__).parent
+    source = "\n".join(
+        path.read_text() for path in package.rglob("*.py") if path.name != "errors.py"
+    )
+    names = [name for name in kew.errors.__all__ if name != "TaskQueueError"]
+    raised = {name for name in names if re.search(rf"\b{name}\(", source)}
+    for name in names:
+        assert re.search(rf"(── |^    ){name} ", tree, re.MULTILINE), name
+        assert name in kew.__all__, name
+        error = getattr(kew.errors, name)
+        assert any(issubclass(getattr(kew.errors, r), error) for r in raised), name
 
 
 async def test_create_queue_twice_in_one_manager_is_an_error(
