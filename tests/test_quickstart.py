@@ -106,6 +106,29 @@ async def test_quick_start_runs_unchanged_and_exits_cleanly(
         assert await client.exists(keys.task(f"order-{i}"))
 
 
+async def test_quick_start_runs_again_under_a_fresh_prefix(
+    tmp_path: Path, redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """As the README says: a second run on the same server and prefix finds
+    its task ids taken (TaskAlreadyExistsError); under a fresh prefix it runs."""
+    script = tmp_path / "quick_start.py"
+    script.write_text(QUICK_START.replace("redis://localhost:6379", redis_url))
+    env = {**os.environ, "KEW_KEY_PREFIX": prefix}
+    assert _run(script, env).returncode == 0
+    again = _run(script, env)
+    assert again.returncode != 0
+    assert "TaskAlreadyExistsError" in again.stderr
+    assert "'order-0'" in again.stderr
+    fresh = f"{prefix}-again"
+    try:
+        done = _run(script, {**env, "KEW_KEY_PREFIX": fresh})
+        assert done.returncode == 0, done.stderr
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{fresh}:*", count=1000)]
+        if keys:
+            await client.unlink(*keys)
+
+
 async def test_quick_start_tasks_finish_in_a_later_process(
     tmp_path: Path, redis_url: str, prefix: str, make_manager: object
 ) -> None:
