@@ -234,19 +234,23 @@ async def _stray_tasks(
     the queue's own task keys): not folded, not archived by retention, and not
     newer than the fold (a task submitted while it ran is not a stray)."""
     pattern = _GLOB_SPECIAL.sub(r"\\\1", keys.task_prefix) + "*"
+    start, tasks = len(keys.task_prefix), folded.tasks
     unknown: list[str] = []
-    cursor = 0
-    while True:
+
+    async def scan(cursor: int) -> tuple[int, list[str]]:
         reply = await functions.guarded(
             client.scan(cursor, match=pattern, count=_SCAN_COUNT)
         )
-        cursor, found = cast(tuple[int, list[str]], reply)
-        for key in found:
-            task_id = key.removeprefix(keys.task_prefix)
-            if task_id not in folded.tasks:
-                unknown.append(task_id)
-        if cursor == 0:
+        return cast(tuple[int, list[str]], reply)
+
+    cursor, found = await scan(0)
+    while True:
+        # The next batch is scanned while this one is checked.
+        following = asyncio.ensure_future(scan(cursor)) if cursor else None
+        unknown += [t for key in found if (t := key[start:]) not in tasks]
+        if following is None:
             break
+        cursor, found = await following
     strays: dict[str, dict[str, str]] = {}
     through = folded.snapshot.through if folded.snapshot else None
     for task_id, stored in zip(
