@@ -49,7 +49,7 @@ class _Shape:
 
     def __init__(self, model: type[Event]) -> None:
         self.model = model
-        self.version = str(model.VERSION)
+        self.version = model.VERSION
         fields = model.model_fields
         self.names = frozenset(fields)
         self.required = frozenset(n for n, f in fields.items() if f.is_required())
@@ -82,25 +82,32 @@ def decode_for_fold(entry_id: str, flat: Sequence[str]) -> Event:
     `decode`, which validates. The events share their default values (`[]`,
     `{}`): they are for folding, which never changes an event.
     """
-    it = iter(flat)
-    fields: dict[str, Any] = dict(zip(it, it, strict=True))
-    shape = _SHAPES.get(fields.get("type", ""))
-    if shape is None or fields.get("v", "1") != shape.version:
-        return decode(entry_id, fields)
-    data = fields.pop("data", None)
+    # kew's functions write `type` first and `data` last: read the rest of
+    # the envelope straight into the event's fields.
+    if len(flat) < 2 or flat[0] != "type" or len(flat) % 2:
+        return _checked(entry_id, flat)
+    shape = _SHAPES.get(flat[1])
+    if shape is None:
+        return _checked(entry_id, flat)
     raw = shape.defaults.copy()
-    if data:
-        parsed = pydantic_core.from_json(data)
-        if not isinstance(parsed, dict):
-            return _checked(entry_id, flat)
-        raw.update(cast(dict[str, Any], parsed))
-        for alias, name in shape.aliases:
-            if alias in raw:
-                raw[name] = raw.pop(alias)
-    raw.update(fields)
+    envelope = flat
+    if flat[-2] == "data":
+        envelope = flat[:-2]
+        if flat[-1]:
+            parsed = pydantic_core.from_json(flat[-1])
+            if not isinstance(parsed, dict):
+                return _checked(entry_id, flat)
+            raw.update(cast(dict[str, Any], parsed))
+            for alias, name in shape.aliases:
+                if alias in raw:
+                    raw[name] = raw.pop(alias)
+    it = iter(envelope)
+    raw.update(zip(it, it, strict=True))
     raw["id"] = entry_id
     try:
-        raw["v"] = int(raw["v"])
+        if int(raw["v"]) != shape.version:
+            return _checked(entry_id, flat)
+        raw["v"] = shape.version
         raw["attempt"] = int(raw["attempt"])
     except ValueError:
         return _checked(entry_id, flat)
