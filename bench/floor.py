@@ -11,6 +11,10 @@ blocking XREAD after the newest entry, as kew does.
 
     .venv/bin/python bench/floor.py drain --url URL [--n 20000]
     .venv/bin/python bench/floor.py latency --url URL [--n 500]
+
+A drain that has not finished within `drain_limit(n)` seconds, or a task not
+done within `LATENCY_LIMIT`, stops the loop and exits with status 1 and a
+message: the floor is a measurement, it must not hang the suite.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -74,6 +79,16 @@ redis.register_function('floor_complete', complete)
 """
 
 LOG, READY, TASK = "floor:log", "floor:ready", "floor:task:"
+LATENCY_LIMIT = 30.0
+
+
+def drain_limit(n: int) -> float:
+    """Seconds a drain of n tasks may take: it runs at about 55,000/s here."""
+    return 30 + n / 1_000
+
+
+class FloorFailed(Exception):
+    pass
 
 
 class Loop:
@@ -165,14 +180,19 @@ async def drain(url: str, n: int, concurrency: int) -> dict[str, Any]:
             await pipe.execute()
     t0 = time.perf_counter()
     consumer = asyncio.create_task(loop.consume())
-    while loop.completed < n:
-        await loop.freed.wait()
-        loop.freed.clear()
+    try:
+        async with asyncio.timeout(drain_limit(n)):
+            while loop.completed < n:
+                await loop.freed.wait()
+                loop.freed.clear()
+    except TimeoutError:
+        raise FloorFailed(
+            f"the drain completed {loop.completed} of {n} tasks in "
+            f"{drain_limit(n):.0f}s{_crash(consumer)}"
+        ) from None
+    finally:
+        await stop(loop, consumer)
     seconds = time.perf_counter() - t0
-    loop.stopping = True
-    consumer.cancel()
-    await asyncio.gather(consumer, return_exceptions=True)
-    await loop.close()
     return {
         "n": n,
         "seconds": seconds,
@@ -186,23 +206,42 @@ async def latency(url: str, n: int) -> dict[str, Any]:
     await loop.setup()
     consumer = asyncio.create_task(loop.consume())
     times: list[float] = []
-    for i in range(n + 20):
-        task_id = f"l{i}"
-        t0 = time.perf_counter()
-        done = loop.waiters[task_id] = asyncio.get_running_loop().create_future()
-        await loop.submit(task_id)
-        await done
-        if i >= 20:
-            times.append((time.perf_counter() - t0) * 1000)
-    loop.stopping = True
-    consumer.cancel()
-    await asyncio.gather(consumer, return_exceptions=True)
-    await loop.close()
+    try:
+        for i in range(n + 20):
+            task_id = f"l{i}"
+            t0 = time.perf_counter()
+            done = loop.waiters[task_id] = asyncio.get_running_loop().create_future()
+            await loop.submit(task_id)
+            try:
+                await asyncio.wait_for(done, LATENCY_LIMIT)
+            except TimeoutError:
+                raise FloorFailed(
+                    f"task {task_id!r} was not done within {LATENCY_LIMIT}s"
+                    f"{_crash(consumer)}"
+                ) from None
+            if i >= 20:
+                times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await stop(loop, consumer)
     return {
         "n": n,
         "p50_ms": statistics.median(times),
         "p99_ms": statistics.quantiles(times, n=100)[98],
     }
+
+
+async def stop(loop: Loop, consumer: asyncio.Task[None]) -> None:
+    loop.stopping = True
+    consumer.cancel()
+    await asyncio.gather(consumer, return_exceptions=True)
+    await loop.close()
+
+
+def _crash(consumer: asyncio.Task[None]) -> str:
+    """Why the consumer stopped early, if it did."""
+    if consumer.done() and not consumer.cancelled() and consumer.exception():
+        return f"; the consumer failed: {consumer.exception()!r}"
+    return ""
 
 
 async def main() -> None:
@@ -212,10 +251,14 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    if args.command == "drain":
-        result = await drain(args.url, args.n or 20_000, args.concurrency)
-    else:
-        result = await latency(args.url, args.n or 500)
+    try:
+        if args.command == "drain":
+            result = await drain(args.url, args.n or 20_000, args.concurrency)
+        else:
+            result = await latency(args.url, args.n or 500)
+    except FloorFailed as exc:
+        print(f"floor.py {args.command}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(json.dumps(result), flush=True)
 
 

@@ -75,7 +75,18 @@ async def write_log(m: TaskQueueManager, events: int, kind: str) -> None:
         await m.submit_tasks("rebuild", batch)
     if kind == "drain":
         await m.attach_queue("rebuild")
-        while (await m.get_queue_status("rebuild"))["completed_tasks"] < tasks:
+        # About 25,000 tasks/s here; a tenth of that is a drain gone wrong.
+        limit = 60 + tasks / 2_500
+        deadline = time.monotonic() + limit
+        while (status := await m.get_queue_status("rebuild"))[
+            "completed_tasks"
+        ] < tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the rebuild's drain completed {status['completed_tasks']} of "
+                    f"{tasks} tasks in {limit:.0f}s (failed: "
+                    f"{status['failed_tasks']}); see the consumer's log above"
+                )
             await asyncio.sleep(0.1)
 
 

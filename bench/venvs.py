@@ -1,12 +1,17 @@
 """One virtual environment per library, under bench/.venvs/ (gitignored).
 
 Each is made with `python3 -m venv` and pip, and reused while its package list
-is unchanged. The local kew runs in the interpreter that runs the suite (the
-repository's .venv, where kew is installed editable).
+is unchanged. Every peer is pinned to the release the quoted results were
+measured with (bench/README.md, "Machine and versions"), so a new release
+cannot change or break a runner unnoticed; moving to another release is a
+change of this file. The local kew runs in the interpreter that runs the suite
+(the repository's .venv, where kew is installed editable):
+`repo_venv_problem` says how to make it when it is missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 VENVS = BENCH / ".venvs"
 MARKER = ".bench-packages"
+MAKE_REPO_VENV = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]'"
 
 
 @dataclass(frozen=True)
@@ -50,24 +57,61 @@ LIBS: dict[str, Lib] = {
             ("kew==0.2.1", "hiredis"),
             ("kew", "redis", "hiredis", "cloudpickle"),
         ),
-        Lib("arq", "arq", ("arq",), ("arq", "redis", "hiredis")),
+        Lib("arq", "arq", ("arq==0.28.0",), ("arq", "redis", "hiredis")),
         Lib(
             "saq",
             "SAQ",
             # saq imports typing_extensions without declaring it.
-            ("saq[hiredis]", "typing_extensions"),
+            ("saq[hiredis]==0.26.4", "typing_extensions"),
             ("saq", "redis", "hiredis"),
         ),
-        Lib("streaq", "streaq", ("streaq",), ("streaq", "coredis", "anyio")),
+        Lib("streaq", "streaq", ("streaq==7.2.0",), ("streaq", "coredis", "anyio")),
         Lib(
             "taskiq",
             "taskiq",
-            ("taskiq", "taskiq-redis", "hiredis"),
+            ("taskiq==0.13.0", "taskiq-redis==1.2.4", "hiredis"),
             ("taskiq", "taskiq-redis", "redis", "hiredis"),
         ),
     )
 }
 PEERS = [name for name in LIBS if name != "kew"]
+
+
+def repo_venv_problem() -> str:
+    """Why this interpreter cannot run the suite, with the commands that fix
+    it; "" if it can (redis-py and rich importable, kew from this checkout).
+
+    Standard library only, so that it can run before anything else."""
+    missing = [
+        name
+        for name in ("kew", "redis", "rich")
+        if importlib.util.find_spec(name) is None
+    ]
+    spec = importlib.util.find_spec("kew") if not missing else None
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    if not missing and origin is not None and origin.is_relative_to(REPO / "kew"):
+        return ""
+    why = (
+        f"cannot import {', '.join(missing)}"
+        if missing
+        else f"imports kew from {origin}, not from this checkout ({REPO / 'kew'})"
+    )
+    venv_python = REPO / ".venv" / "bin" / "python"
+    if not venv_python.exists():
+        fix = f"  cd {REPO}\n  {MAKE_REPO_VENV}\n  .venv/bin/python bench/run.py"
+        return (
+            f"bench/run.py: {sys.executable} {why}, and the repository's .venv "
+            f"does not exist. Create it, then run the suite with it:\n{fix}"
+        )
+    if Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
+        return (
+            f"bench/run.py: {sys.executable} {why}. Run the suite with the "
+            f"repository's venv:\n  cd {REPO}\n  .venv/bin/python bench/run.py"
+        )
+    return (
+        f"bench/run.py: the repository's .venv {why}. Install kew into it:\n"
+        f"  cd {REPO}\n  .venv/bin/pip install -e '.[test]'"
+    )
 
 
 def ensure(lib: Lib, log: Path) -> Path:

@@ -3,8 +3,9 @@
 Standard library only: it is imported by runners that execute in each library's
 own virtual environment, and by `bench/run.py`.
 
-A runner (`bench/peers/<lib>.py`) answers four subcommands, one scenario phase
-per process, and prints one JSON object on its last stdout line:
+A runner (`bench/peers/run_<lib>.py`) answers four subcommands, one scenario
+phase per process, and prints one JSON object on its last stdout line, then
+leaves at once (`emit`: a library's task stuck at teardown cannot hold it):
 
     submit  --n N --mode single|batch|prepare [--batch B] [--fn noop|sleep]
     work    --n N --fn noop|sleep --concurrency C   (consumes N pre-submitted)
@@ -29,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,13 +42,18 @@ SLEEP_SECONDS = {"noop": 0.0, "sleep": 0.05}
 
 @dataclass
 class Recorder:
-    """Counts tasks in and out in the worker process."""
+    """Counts tasks in and out in the worker process.
+
+    `done` is set once every one of the `expected` indices has ended (run to
+    its end), so the time taken is the time of the last of them; a task run
+    twice counts once there and in `duplicates`."""
 
     expected: int = 0
     current: int = 0
     max_current: int = 0
     ended: int = 0
     seen: set[int] = field(default_factory=set[int])
+    finished: set[int] = field(default_factory=set[int])
     duplicates: int = 0
     first_start: float = 0.0
     last_end: float = 0.0
@@ -55,7 +62,9 @@ class Recorder:
     def reset(self, expected: int) -> None:
         self.expected = expected
         self.current = self.max_current = self.ended = self.duplicates = 0
+        self.first_start = self.last_end = 0.0
         self.seen = set()
+        self.finished = set()
         self.done = asyncio.Event()
 
     def enter(self, i: int) -> None:
@@ -67,11 +76,14 @@ class Recorder:
             self.duplicates += 1
         self.seen.add(i)
 
-    def leave(self) -> None:
+    def leave(self, i: int) -> None:
         self.current -= 1
         self.ended += 1
+        self.finished.add(i)
+        if self.done is None or self.done.is_set():
+            return
         self.last_end = time.perf_counter()
-        if self.done is not None and len(self.seen) >= self.expected:
+        if len(self.finished) >= self.expected:
             self.done.set()
 
 
@@ -84,7 +96,7 @@ async def run_task(i: int, seconds: float) -> int:
     try:
         await asyncio.sleep(seconds)
     finally:
-        RECORDER.leave()
+        RECORDER.leave(i)
     return i
 
 
@@ -131,12 +143,19 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 def emit(result: dict[str, Any]) -> None:
+    """Print the phase's result and leave at once. A library's task that
+    ignores its cancellation would make asyncio.run wait for it forever at
+    exit (taskiq's receiver once did, for 15 minutes); the result is out, the
+    library's own shutdown has had its chance (`_bounded`), so nothing that
+    could still run is worth waiting for."""
     print(json.dumps(result), flush=True)
-    if result.get("stop_hung"):
-        # The library's worker ignored its cancellation: asyncio.run would
-        # wait for it forever at exit. The result is out; leave now.
-        sys.stderr.flush()
-        os._exit(0)
+    leave_now()
+
+
+def leave_now(code: int = 0) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cpu_seconds() -> float:
@@ -153,8 +172,10 @@ async def work(
     left: Callable[[], Awaitable[int]] | None = None,
 ) -> dict[str, Any]:
     """Start a worker on N pre-submitted tasks; time it from the call that
-    starts it to the end of the last task. `left` asks the library how many
-    tasks it still holds as not finished (0 once every outcome is recorded)."""
+    starts it to the end of the last of the N tasks. `completed` counts the
+    distinct tasks that ran to their end, `ended` every run (a task run twice
+    counts twice). `left` asks the library how many tasks it does not yet hold
+    as finished (0 once every outcome is recorded); None if not asked."""
     RECORDER.reset(n)
     deadline = 30 + n * (SLEEP_SECONDS[fn] + 0.01)
     cpu0 = cpu_seconds()
@@ -168,17 +189,18 @@ async def work(
         timed_out = True
     cpu = cpu_seconds() - cpu0
     seconds = RECORDER.last_end - t0
-    remaining = -1
+    remaining: int | None = None
     if left is not None and not timed_out:
         remaining = await _settle(left)
     stop_hung = not await _bounded(stop(handle))
-    completed = len(RECORDER.seen)
+    completed = len(RECORDER.finished)
     return {
         "n": n,
         "seconds": seconds,
         "tasks_per_s": n / seconds if seconds > 0 else 0.0,
         "first_task_after_s": RECORDER.first_start - t0,
         "completed": completed,
+        "ended": RECORDER.ended,
         "duplicates": RECORDER.duplicates,
         "max_concurrency": RECORDER.max_current,
         "concurrency": concurrency,
@@ -220,9 +242,12 @@ async def submits(
     single: Callable[[int], Awaitable[Any]],
     batch: Callable[[list[int]], Awaitable[Any]] | None,
     batch_api: str,
+    queued: Callable[[], Awaitable[int]] | None = None,
 ) -> dict[str, Any]:
     """Submit N tasks one at a time (each awaited) or in batches; `prepare`
-    submits the fastest way available and is not a measurement."""
+    submits the fastest way available and is not a measurement. `queued`
+    asks the library how many tasks it holds as waiting, after the timing
+    (the scenario requires N: nothing was lost)."""
     n = args.n
     mode = args.mode
     t0 = time.perf_counter()
@@ -244,6 +269,7 @@ async def submits(
         "seconds": seconds,
         "submits_per_s": n / seconds,
         "batch_api": batch_api if mode != "single" else "",
+        "queued": None if queued is None else await queued(),
     }
 
 
@@ -271,8 +297,11 @@ async def latency(
     }
 
 
-def start_server(command: list[str], log: Any = None) -> subprocess.Popen[str]:
-    """Run a `serve` subcommand; return once it printed "ready"."""
+def start_server(
+    command: list[str], log: Any = None, timeout: float = 60
+) -> subprocess.Popen[str]:
+    """Run a `serve` subcommand; return once it printed "ready". A worker
+    that has not said so within `timeout` seconds is killed: RuntimeError."""
     proc = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -280,12 +309,22 @@ def start_server(command: list[str], log: Any = None) -> subprocess.Popen[str]:
         stderr=log,
         text=True,
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()))
+    reader.start()
+    reader.join(timeout)
+    line = lines[0] if lines else ""
     if line.strip() != "ready":
+        why = f"printed {line!r}" if lines else f"said nothing within {timeout}s"
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"worker {command} did not start: {line!r}")
+        reader.join()
+        raise RuntimeError(
+            f"worker {command} did not start: it {why} instead of 'ready'; "
+            "its stderr is in the scenario's log"
+        )
     return proc
 
 
@@ -313,9 +352,8 @@ async def serve(
     handle = await start()
     print("ready", flush=True)
     await asyncio.to_thread(sys.stdin.read)
-    if not await _bounded(stop(handle)):
-        sys.stderr.flush()
-        os._exit(0)
+    await _bounded(stop(handle))
+    leave_now()  # as emit(): nothing left to wait for
 
 
 async def cancel(task: asyncio.Task[Any]) -> None:

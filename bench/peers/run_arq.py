@@ -65,8 +65,11 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
     async def single(i: int) -> None:
         await pool.enqueue_job(args.fn, i)
 
+    async def queued() -> int:
+        return int(await pool.zcard(QUEUE))
+
     try:
-        return await common.submits(args, single, None, "gather (no batch API)")
+        return await common.submits(args, single, None, "gather (no batch API)", queued)
     finally:
         await pool.aclose()
 

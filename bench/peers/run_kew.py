@@ -51,7 +51,11 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
             tasks = [{"task_id": f"t{i}", "task_func": name, "args": [i]} for i in ids]
             await manager.submit_tasks(common.QUEUE, tasks)
 
-        return await common.submits(args, single, batch, "submit_tasks")
+        async def queued() -> int:
+            status = await manager.get_queue_status(common.QUEUE)
+            return int(status["queued_tasks"])
+
+        return await common.submits(args, single, batch, "submit_tasks", queued)
 
 
 async def work(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,8 +72,12 @@ async def work(args: argparse.Namespace) -> dict[str, Any]:
         await manager.shutdown()
 
     async def left() -> int:
+        # Outcomes in the stats projection: all N succeeded, none failed or
+        # dead-lettered (queued + processing == 0 would also hold if tasks
+        # had been lost on the way).
         status = await managers[0].get_queue_status(common.QUEUE)
-        return int(status["queued_tasks"]) + int(status["processing_tasks"])
+        failed = int(status["failed_tasks"]) + int(status["dead_letters"])
+        return abs(args.n - int(status["completed_tasks"])) + failed
 
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:

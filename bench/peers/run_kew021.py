@@ -26,6 +26,8 @@ from redis.asyncio import Redis
 from kew import QueueConfig, QueuePriority, TaskQueueManager, TaskStatus
 
 HOLD = f"kew:circuit:{common.QUEUE}:open"
+WAITING = f"queue:{common.QUEUE}:tasks"
+"""The release's sorted set of a queue's waiting task ids."""
 MEDIUM = QueuePriority.MEDIUM
 FUNCTIONS = {"noop": common.plain_noop, "sleep": common.plain_sleep}
 
@@ -58,8 +60,11 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
         ]
         await manager.submit_tasks(common.QUEUE, tasks)
 
+    async def queued() -> int:
+        return int(await client.zcard(WAITING))
+
     try:
-        return await common.submits(args, single, batch, "submit_tasks")
+        return await common.submits(args, single, batch, "submit_tasks", queued)
     finally:
         await manager.shutdown(wait=False)
         await client.aclose()
@@ -86,7 +91,7 @@ async def work(args: argparse.Namespace) -> dict[str, Any]:
         return await start_worker(args)
 
     async def left() -> int:
-        waiting = await client.zcard(f"queue:{common.QUEUE}:tasks")
+        waiting = await client.zcard(WAITING)
         return int(waiting) + int(await client.scard("kew:active_tasks"))
 
     try:
@@ -106,11 +111,12 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
             await manager.submit_task(
                 task_id, common.QUEUE, "echo", common.plain_echo, MEDIUM, i
             )
-            while True:
-                info = await manager.get_task_status(task_id)
-                if info.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
-                    return info.result
-                await asyncio.sleep(0.001)
+            async with asyncio.timeout(30):
+                while True:
+                    info = await manager.get_task_status(task_id)
+                    if info.status in (TaskStatus.COMPLETED, TaskStatus.FAILED):
+                        return info.result
+                    await asyncio.sleep(0.001)
 
         return await common.latency(args.n, one)
     finally:

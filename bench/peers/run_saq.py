@@ -64,8 +64,11 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
     async def single(i: int) -> None:
         await q.enqueue(args.fn, i=i)
 
+    async def queued() -> int:
+        return await q.count("queued")
+
     try:
-        return await common.submits(args, single, None, "gather (no batch API)")
+        return await common.submits(args, single, None, "gather (no batch API)", queued)
     finally:
         await q.disconnect()
 
@@ -78,7 +81,10 @@ async def work(args: argparse.Namespace) -> dict[str, Any]:
         return await start_worker(args)
 
     async def left() -> int:
-        return await q.count("queued") + await q.count("active")
+        # SAQ's "incomplete" set: jobs not finished, emptied in the same
+        # transaction that stores a job's outcome. (Its "active" list can
+        # keep a stale id of a job run twice until its sweeper runs.)
+        return await q.count("incomplete")
 
     try:
         return await common.work(

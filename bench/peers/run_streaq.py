@@ -56,7 +56,9 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
         async def batch(ids: list[int]) -> None:
             await worker.enqueue_many([task.enqueue(i) for i in ids])
 
-        return await common.submits(args, single, batch, "enqueue_many")
+        return await common.submits(
+            args, single, batch, "enqueue_many", worker.queue_size
+        )
 
 
 async def work(args: argparse.Namespace) -> dict[str, Any]:

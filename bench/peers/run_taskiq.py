@@ -64,9 +64,15 @@ async def submit(args: argparse.Namespace) -> dict[str, Any]:
     async def single(i: int) -> None:
         await task.kiq(i)
 
+    client = Redis.from_url(args.url)
+
+    async def queued() -> int:
+        return int(await client.xlen(common.QUEUE))
+
     try:
-        return await common.submits(args, single, None, "gather (no batch API)")
+        return await common.submits(args, single, None, "gather (no batch API)", queued)
     finally:
+        await client.aclose()
         await broker.shutdown()
 
 
