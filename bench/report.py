@@ -201,10 +201,8 @@ def print_tables(
     console.print(f"kew: {describe(header['commit'])}")
     console.print(f"server: {header['redis']} ({header['redis_binary']})")
     if header["smoke"] or header["scale"] != 1.0:
-        console.print(
-            f"[yellow]reduced sizes (smoke {header['smoke']}, scale "
-            f"{header['scale']}): not for quoting[/]"
-        )
+        how = "--smoke" if header["smoke"] else f"--scale {header['scale']:g}"
+        console.print(f"[yellow]reduced sizes ({how}): not for quoting[/]")
 
     table = Table(title=f"Scenarios: median of {reps} reps (! = a check failed)")
     table.add_column("scenario")

@@ -224,7 +224,9 @@ def main() -> int:
             extras = kew_extras(runner, sizes, args.reps, journal)
     journal.close()
     result.update(seconds=time.time() - started, extras=extras, rows=rows)
-    path = RESULTS / f"{stamp}{'-smoke' if args.smoke else ''}.json"
+    # Reduced runs are not for quoting: their files are ignored by git.
+    reduced = "-smoke" if args.smoke else "-scaled" if args.scale != 1.0 else ""
+    path = RESULTS / f"{stamp}{reduced}.json"
     path.write_text(json.dumps(result, indent=1))  # before anything can fail
     summary = summarize(rows, extras, sizes.sleep_ideal_s)
     path.write_text(json.dumps({**result, "summary": summary}, indent=1))
