@@ -259,10 +259,11 @@ def commit() -> dict[str, Any]:
 
 def problems(rows: list[dict[str, Any]], extras: dict[str, Any]) -> list[str]:
     """What makes the run fail: a kew row that failed any check (reaching the
-    limit included, in the drain too), a row of any library that crashed (the
-    suite is broken for it), a kew-only row that crashed, projections that
-    disagree with the log after a rebuild. A peer's failed check (a duplicate
-    run, a limit not reached) is that peer's result: marked in the table."""
+    limit included, in the drain too), a row of any library that crashed or
+    hung past its timeout (the suite is broken for it), a kew-only measure
+    that failed, projections that disagree with the log after a rebuild. A
+    peer's failed check (a duplicate run, a limit not reached) is that peer's
+    result: marked in the table and left out of the best peer."""
     found: list[str] = []
     for r in rows:
         crashed = not r["checks"].get("ran", True)

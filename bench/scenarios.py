@@ -47,16 +47,20 @@ class Sizes:
         return self.sleep * common.SLEEP_SECONDS["sleep"] / self.concurrency
 
     def scaled(self, factor: float) -> Sizes:
-        """Every task count times `factor` (at least one wave of tasks), for
-        a quick run; concurrency, batch size and timeout stay."""
-        counts = ("drain", "sleep", "latency", "submits", "rebuild_events")
-        floor = {"latency": 20, "rebuild_events": 3_000, "commands_n": 100}
+        """Every task count times `factor`, for a quick look, but never so few
+        that the limit cannot be reached or a percentile means nothing;
+        concurrency, batch size, idle time and timeout stay."""
+        least = {
+            "drain": 2 * self.concurrency,
+            "sleep": 2 * self.concurrency,
+            "submits": 2 * self.concurrency,
+            "latency": 20,
+            "rebuild_events": 3_000,
+            "commands_n": 100,
+        }
         changed = {
-            name: max(
-                floor.get(name, self.concurrency * 2),
-                round(getattr(self, name) * factor),
-            )
-            for name in (*counts, "commands_n")
+            name: max(low, round(getattr(self, name) * factor))
+            for name, low in least.items()
         }
         return dataclasses.replace(self, **changed)
 
@@ -197,17 +201,16 @@ class Scenarios:
     def idle(self, lib: Lib) -> dict[str, Any]:
         """Commands per second a worker sends to a queue nobody submits to."""
         self.server.flush()
-        log = (self.logs / f"{lib.name}-idle.log").open("a")
         command = [str(lib.python), str(lib.runner), "serve", "--url", self.server.url]
-        proc = common.start_server(command, log)
-        try:
-            time.sleep(1.0)  # past the start-up commands
-            before = self.server.snapshot()
-            time.sleep(self.sizes.idle_seconds)
-            used = delta(before, self.server.snapshot())
-        finally:
-            common.stop_server(proc)
-            log.close()
+        with (self.logs / f"{lib.name}-idle.log").open("a") as log:
+            proc = common.start_server(command, log)
+            try:
+                time.sleep(1.0)  # past the start-up commands
+                before = self.server.snapshot()
+                time.sleep(self.sizes.idle_seconds)
+                used = delta(before, self.server.snapshot())
+            finally:
+                common.stop_server(proc)
         per_s = used["commands"] / self.sizes.idle_seconds
         raw = {"seconds": self.sizes.idle_seconds, **used}
         return row(lib, "idle", 0, per_s, "commands/s", {}, raw)
