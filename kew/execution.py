@@ -47,7 +47,6 @@ async def run_attempt(
 ) -> Outcome:
     """Run the attempt's task function and say how it ended."""
     started = time.perf_counter()
-    function = function
     if function is None:
         return _failure(
             attempt,
