@@ -339,6 +339,9 @@ async def test_max_deliveries_1_dead_letters_a_task_whose_worker_was_killed(
     ]
     (letter,) = await survivor.dead_letters("q")
     assert (letter["task_id"], letter["previous"]) == ("once", dead)
+    dead_lettered = events[-1]
+    assert isinstance(dead_lettered, TaskDeadLettered)
+    assert dead_lettered.previous == dead
     assert await survivor.verify_projections("q") == []
 
 
@@ -454,6 +457,7 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     assert reclaimed.previous == first.actor
     assert reclaimed.actor == second.actor != first.actor
     assert dead.actor not in (first.actor, second.actor)
+    assert dead.previous == second.actor
     assert dead.deliveries == 3
     assert dead.dead_letter == letters[0]["id"]
 

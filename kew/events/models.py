@@ -211,6 +211,9 @@ class TaskDeadLettered(TaskEvent):
     entry: str
     dead_letter: str
     """The entry id in the dead-letter stream."""
+    previous: str = ""
+    """The consumer that held the entry last (the one that died or froze);
+    empty in logs written before kew recorded it."""
 
 
 class TaskRequeued(TaskEvent):

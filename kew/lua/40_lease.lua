@@ -25,7 +25,8 @@ local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
   local eid = append(Q.log, 'task.dead_lettered', task_id, t.last_event,
     t.attempt, env.consumer, t.tp, '{"reason":' .. json_string(reason) ..
     ',"deliveries":' .. deliveries .. ',"entry":' .. json_string(entry_id) ..
-    ',"dead_letter":' .. json_string(dlq_entry) .. '}')
+    ',"dead_letter":' .. json_string(dlq_entry) .. ',"previous":' ..
+    json_string(owner) .. '}')
   redis.call('HSET', task, 'state', 'failed', 'version', t.version + 1,
     'last_event', eid, 'error', reason, 'finished_at', ms_of(eid),
     'dead_letter', dlq_entry)
