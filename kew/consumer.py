@@ -78,7 +78,7 @@ from kew.events.models import (
     TaskRetryScheduled,
     TaskSucceeded,
 )
-from kew.execution import run_attempt
+from kew.execution import AttemptKey, RunningFunctions, cancel_functions, run_attempt
 from kew.hooks import Hooks
 from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
@@ -136,11 +136,13 @@ class Consumer:
         self.hooks = hooks
         self.on_finished = on_finished
         self.telemetry = telemetry or Telemetry()
-        self.running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
+        self.running: dict[AttemptKey, tuple[Attempt, asyncio.Task[None]]] = {}
+        """Attempts running here, by (task id, attempt): an attempt cancelled
+        as lost may still be ending when this consumer starts the task again."""
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
-        self._functions: dict[str, asyncio.Future[Any]] = {}
+        self._functions: RunningFunctions = {}
         self._batcher = FinishBatcher(self._record_surely)
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -260,11 +262,7 @@ class Consumer:
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running task function of `task_id`, if it runs here."""
-        function = self._functions.get(task_id)
-        if function is None or function.done():
-            return False
-        function.cancel()
-        return True
+        return cancel_functions(self._functions, task_id)
 
     @property
     def busy(self) -> int:
@@ -443,7 +441,7 @@ class Consumer:
             task = asyncio.create_task(
                 self._run(attempt, delivery), name=f"kew task {attempt.task_id}"
             )
-            self.running[attempt.task_id] = (attempt, task)
+            self.running[attempt.task_id, attempt.attempt] = (attempt, task)
             started += 1
         return started
 
@@ -492,9 +490,7 @@ class Consumer:
             )
         finally:
             self.finishing.discard(attempt.entry)
-            current = self.running.get(attempt.task_id)
-            if current is not None and current[0] is attempt:
-                del self.running[attempt.task_id]
+            self.running.pop((attempt.task_id, attempt.attempt), None)
             if slot_held:
                 self.slots.release()
 
