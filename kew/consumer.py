@@ -13,7 +13,9 @@ Invariants:
   one consumer, so maintain always knows every attempt the fetch started.
   Entries it holds that someone else now owns are reported as lost, and their
   local attempt is cancelled: the new owner runs the task, and this
-  consumer's outcome would be fenced anyway.
+  consumer's outcome would be fenced anyway. So is the attempt of an entry
+  deleted from its stream while held: `maintain` logs it as `task.lost` and
+  queues the task again, to run as a new attempt.
 * Outcomes are recorded by `finish`, batched: attempts that end in the same
   turn of the event loop share one round trip. A slot is released as soon as
   its task function returns, so the next fetch overlaps the recording of the
@@ -660,22 +662,38 @@ class Consumer:
 
     def _after_maintain(self, room: int, reply: Any) -> None:
         lost, rows, cancel, next_due, now, lease_ms = cast(
-            tuple[list[str], list[list[str]], list[str], str, int, int], reply
+            tuple[list[list[str]], list[list[str]], list[str], str, int, int], reply
         )
         self._lease = min(self.config.lease_seconds, int(lease_ms) / 1000)
         self._next_due = None
         self._note_due(next_due, now)
         self.slots.release(room - self._dispatch(rows, int(now), taken_over=True))
         if lost:
-            self._forget(set(lost))
+            self._forget({entry: why for entry, why in lost})
         for task_id in cancel:
             self.cancel(task_id)
 
-    def _forget(self, lost: set[str]) -> None:
+    def _forget(self, lost: dict[str, str]) -> None:
+        """Cancel the local runs of attempts whose entries this consumer no
+        longer holds: `lost` maps each such entry to 'taken over' or 'deleted'
+        (see `renew` in kew/lua/40_lease.lua)."""
         for attempt, task in list(self.running.values()):
+            why = lost.get(attempt.entry)
             # An entry whose outcome is being recorded is gone from the server
             # because `finish` acknowledged it first: not lost.
-            if attempt.entry in lost and attempt.entry not in self.finishing:
+            if why is None or attempt.entry in self.finishing:
+                continue
+            if why == "deleted":
+                logger.warning(
+                    "consumer %s: the entry %s of task %r attempt %s was deleted "
+                    "from its ready stream (by hand, or a trim); logged as "
+                    "task.lost, the task is queued again; cancelling the local run",
+                    self.name,
+                    attempt.entry,
+                    attempt.task_id,
+                    attempt.attempt,
+                )
+            else:
                 logger.warning(
                     "consumer %s lost its lease on task %r attempt %s (another "
                     "consumer took it over); cancelling the local run",
@@ -683,4 +701,4 @@ class Consumer:
                     attempt.task_id,
                     attempt.attempt,
                 )
-                task.cancel()
+            task.cancel()

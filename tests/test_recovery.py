@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ from kew.events.log import read
 from kew.events.models import (
     Event,
     TaskDeadLettered,
-    TaskLost,
     TaskReclaimed,
     TaskRequeued,
     TaskStarted,
@@ -494,58 +492,6 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     assert await consumer.dead_letters("q") == []
     assert (await consumer.get_queue_status("q"))["dead_letters"] == 0
     assert await consumer.verify_projections("q") == []
-
-
-async def test_a_pending_entry_deleted_by_hand_is_logged_as_lost(
-    make_manager: MakeManager,
-    start_worker: StartWorker,
-    client: aioredis.Redis,
-    prefix: str,
-) -> None:
-    """An entry deleted by hand under a dead consumer is logged as task.lost."""
-    creator = await make_manager(consume=False)
-    await creator.create_queue(QueueConfig(name="q", lease_seconds=0.5))
-    worker = start_worker("q")
-    dead = await worker.ready()
-    await creator.submit_task("t", "q", "recovery.sleep", 3600)
-    await eventually(
-        lambda: started_by(client, prefix, "t", dead), what="the worker to start t"
-    )
-    keys = QueueKeys(prefix, "q")
-    entry = await client.hget(keys.task("t"), "entry")
-    assert entry is not None
-    await worker.kill()
-    assert await client.xdel(keys.ready("medium"), entry) == 1
-
-    survivor = await survivor_with(make_manager, "recovery.sleep", "never runs")
-    await eventually(
-        lambda: _lost_events(client, keys), timeout=TAKEOVER, what="task.lost"
-    )
-
-    (lost,) = await _lost_events(client, keys)
-    assert isinstance(lost, TaskLost)
-    assert (lost.entry, lost.stream) == (entry, keys.ready("medium"))
-    assert lost.actor == survivor.identity
-    assert lost.task_id is None  # the entry, which named the task, is gone
-    (_, fields), *_ = await client.xrange(keys.log, lost.id, lost.id)
-    assert json.loads(fields["data"])["previous"] == dead
-    # The whole log: the task started on the dead worker, then its entry was
-    # found missing. Nothing claims it ran again or ended.
-    log = [e async for e in read(client, keys.log)]
-    assert [
-        (e.type, e.task_id, e.actor) for e in log if e.type != "queue.configured"
-    ] == [
-        ("task.submitted", "t", creator.identity),
-        ("task.started", "t", dead),
-        ("task.lost", None, survivor.identity),
-    ]
-    assert (await survivor.get_task_status("t")).status is TaskStatus.PROCESSING
-    assert await client.xpending_range(keys.ready("medium"), GROUP, "-", "+", 10) == []
-    assert await survivor.verify_projections("q") == []
-
-
-async def _lost_events(client: aioredis.Redis, keys: QueueKeys) -> list[Event]:
-    return [e async for e in read(client, keys.log) if e.type == "task.lost"]
 
 
 async def test_an_entry_without_a_task_id_is_dropped_with_a_warning(

@@ -224,13 +224,21 @@ class TaskRequeued(TaskEvent):
     dead_letter: str
 
 
-class TaskLost(Event):
+class TaskLost(TaskEvent):
     """A ready entry that vanished from its stream while pending (trimmed or
-    deleted by hand). Its task id went with it; the entry id is all that is left."""
+    deleted by hand). The task it named is found through the consumer that
+    held it or the queue's pending index; if that task was running on the
+    entry, it went back to the queue under a new entry (`requeued_as`), and
+    its next attempt starts as after an interrupted one. `task_id` is ""
+    when no task could be named (logs written before kew kept the index)."""
 
     type: Literal["task.lost"] = "task.lost"
     entry: str
     stream: str
+    previous: str = ""
+    """The consumer that held the entry."""
+    requeued_as: str = ""
+    """The task's new ready entry, when the task was queued again."""
 
 
 class BreakerOpened(Event):

@@ -26,6 +26,7 @@ from kew.events.models import (
     TaskEvent,
     TaskFailed,
     TaskInterrupted,
+    TaskLost,
     TaskReleased,
     TaskRequeued,
     TaskRetryScheduled,
@@ -226,6 +227,9 @@ def advance(s: TaskState, event: TaskEvent) -> None:
         s.trial = None
     elif isinstance(event, TaskReleased):
         s.state = "queued"
+    elif isinstance(event, TaskLost) and event.requeued_as:
+        s.state = "queued"
+        s.trial = None
     # task.reclaimed changes only the version, like every event.
 
 
