@@ -39,6 +39,9 @@ never by resending blindly:
 * The blocking wait is a plain XREAD that claims nothing, so a lost reply
   costs nothing; it runs under a client-side deadline (`BLOCK_MS` plus
   `READ_MARGIN`), so a half-open connection cannot stall fetching for ever.
+* The fetch, maintain and finish calls wait one lease for their reply (at
+  least `MIN_CALL_TIMEOUT`), not the general `COMMAND_TIMEOUT`: a half-open
+  connection must not stall renewals while others take over.
 * A `finish` call that fails for want of a connection is repeated with
   backoff for up to one lease (the entry stays held and renewed meanwhile).
   `finish` is fenced, so a repeat is harmless; when the first call was in
@@ -102,6 +105,8 @@ CANCEL_GRACE = 1.0
 """Seconds `stop` gives cancelled attempts, and the recording of outcomes,
 before it abandons them."""
 RELEASE_TIMEOUT = 2.0
+MIN_CALL_TIMEOUT = 1.0
+"""The shortest deadline of a fetch or maintain call (see `_call_timeout`)."""
 """Seconds `stop` waits for the server to take back this consumer's entries."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
@@ -270,6 +275,16 @@ class Consumer:
     def busy(self) -> int:
         return len(self.running)
 
+    @property
+    def _call_timeout(self) -> float:
+        """How long a fetch or maintain call may wait for its reply: one lease
+        (at least MIN_CALL_TIMEOUT). A renewal that has not answered within a
+        lease is too late to keep it anyway; waiting longer on a half-open
+        connection would only let other consumers take over what this one
+        runs, while it still believes it holds them. A call cut short is
+        retried with backoff, on a new connection."""
+        return max(self._lease, MIN_CALL_TIMEOUT)
+
     def wake(self) -> None:
         """Run `maintain` now: something may have become due sooner (a task
         deferred from this process)."""
@@ -328,7 +343,11 @@ class Consumer:
             try:
                 with internal():
                     reply = await functions.call(
-                        self.client, "fetch", self.keys.queue_keys, args
+                        self.client,
+                        "fetch",
+                        self.keys.queue_keys,
+                        args,
+                        timeout=self._call_timeout,
                     )
             except BaseException:
                 self.slots.release(n)
@@ -591,7 +610,9 @@ class Consumer:
             ]
         # Suppressed: the process spans have ended, and one call records many.
         with internal():
-            reply = await functions.call(self.client, "finish", keys, args)
+            reply = await functions.call(
+                self.client, "finish", keys, args, timeout=self._call_timeout
+            )
         return functions.rows(reply)
 
     # -- leases ----------------------------------------------------------
@@ -634,6 +655,7 @@ class Consumer:
                         "maintain",
                         [*self.keys.queue_keys, self.keys.worker(self.name)],
                         self._maintain_args(room),
+                        timeout=self._call_timeout,
                     )
             except BaseException:
                 self.slots.release(room)
