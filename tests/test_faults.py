@@ -4,9 +4,9 @@ The faults are real: CLIENT KILL of kew's own connections (picked by the
 client name kew gives them, `kew:<prefix>:<identity>`, so the other clients
 of a shared server are never touched), and a SIGKILL of a server that the test
 launches itself through kew's launcher: the bundled Valkey, and Debian's
-Redis 7.0 (`/usr/bin/redis-server`) where it is installed. Nothing waits a fixed time: every
-wait is on a condition (a task running, a warning logged, a task ended) with
-a deadline.
+Redis 7.0 (`/usr/bin/redis-server`) where it is installed. Nothing waits a
+fixed time: every wait is on a condition (a task running, a warning logged, a
+task ended) with a deadline.
 
 Each test asserts, from the log: every task ends exactly once; every attempt
 is in the log, numbered without gaps; an attempt started again only if the
