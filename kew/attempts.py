@@ -1,12 +1,21 @@
-"""Attempts as the functions return them, outcomes, and their batched recording."""
+"""Attempts as the functions return them, outcomes, their batched recording,
+and the hand-back of an attempt whose task function is not here."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["Attempt", "FinishBatcher", "Outcome"]
+from kew import functions
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from kew.keys import QueueKeys
+
+__all__ = ["Attempt", "FinishBatcher", "Outcome", "refuse"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,3 +103,36 @@ class FinishBatcher:
         """Wait until every outcome handed in so far is recorded."""
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+
+async def refuse(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    attempt: Attempt,
+    *,
+    consumer: str,
+    expiry_seconds: int,
+    lease_ms: int,
+    timeout: float,
+) -> list[str]:
+    """Hand back an attempt whose task function this process does not have,
+    for a consumer that has it (`refuse` in kew/lua/40_lease.lua). Returns
+    {'ok', new state, due time or ''} or {'fenced', why}."""
+    level = keys.ready_all.index(attempt.ready) + 1
+    reply = await functions.call(
+        client,
+        "refuse",
+        [*keys.queue_keys, keys.task(attempt.task_id)],
+        [
+            consumer,
+            attempt.task_id,
+            attempt.entry,
+            level,
+            str(attempt.attempt),
+            expiry_seconds,
+            keys.finished_channel,
+            lease_ms,
+        ],
+        timeout=timeout,
+    )
+    return [str(value) for value in reply]

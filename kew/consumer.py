@@ -74,7 +74,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from kew import functions
-from kew.attempts import Attempt, FinishBatcher, Outcome
+from kew.attempts import Attempt, FinishBatcher, Outcome, refuse
 from kew.connection import Reconnect
 from kew.errors import ConnectionFailedError, KewError
 from kew.events.models import (
@@ -112,6 +112,11 @@ HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
 breaker is taken (the only state in which a consumer polls)."""
 _QUIET_SKIPS = ("task is cancelled", "the circuit breaker holds it")
+_REFUSED = {
+    "retry": "it is queued again after a lease, for a consumer that has it",
+    "failed": "handed back max_deliveries times, it is dead-lettered",
+    "cancelled": "it was asked to cancel, and is cancelled",
+}
 
 
 class Consumer:
@@ -471,6 +476,9 @@ class Consumer:
     async def _run(self, attempt: Attempt, delivery: int | None) -> None:
         slot_held = True
         try:
+            if self.registry.get(attempt.name) is None:
+                await self._refuse(attempt)
+                return
             outcome = await self._execute(attempt, delivery)
             # The function is done: its slot may start the next attempt while
             # this outcome is being recorded (the entry stays held and renewed).
@@ -514,6 +522,43 @@ class Consumer:
             self.running.pop((attempt.task_id, attempt.attempt), None)
             if slot_held:
                 self.slots.release()
+
+    async def _refuse(self, attempt: Attempt) -> None:
+        """Hand back an attempt whose task function is not registered here:
+        not a failure of the task, nor one the breaker counts (see `refuse`
+        in kew/lua/40_lease.lua)."""
+        try:
+            with internal():
+                row = await refuse(
+                    self.client,
+                    self.keys,
+                    attempt,
+                    consumer=self.name,
+                    expiry_seconds=self.expiry_seconds,
+                    lease_ms=int(self.config.lease_seconds * 1000),
+                    timeout=self._call_timeout,
+                )
+        except KewError as exc:
+            logger.warning(
+                "consumer %s could not hand back task %r (%s); it will be taken "
+                "over after the lease",
+                self.name,
+                attempt.task_id,
+                exc,
+            )
+            return
+        logger.warning(
+            "consumer %s does not have task function %r of task %r (attempt %s) "
+            "and handed it back: %s. Import the module that defines it (kew "
+            "worker --import MODULE).",
+            self.name,
+            attempt.name,
+            attempt.task_id,
+            attempt.attempt,
+            _REFUSED.get(row[1], row[1]) if row[0] == "ok" else row[1],
+        )
+        if row[0] == "ok" and row[1] != "retry":
+            self.on_finished(self.keys.queue, attempt.task_id)
 
     async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
         """Run one attempt inside its process span."""

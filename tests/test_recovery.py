@@ -621,35 +621,6 @@ async def _is(manager: TaskQueueManager, task_id: str, status: TaskStatus) -> bo
     return (await manager.get_task_status(task_id)).status is status
 
 
-async def test_a_task_function_unknown_to_the_consumer_fails_the_task(
-    make_manager: MakeManager,
-) -> None:
-    """A task function the consumer lacks fails the task, naming it and the fix."""
-
-    async def elsewhere(value: int) -> int:
-        return value
-
-    async def here() -> str:
-        return "still working"
-
-    knows = Registry()
-    knows.register(elsewhere, "recovery.elsewhere")
-    submitter = await make_manager(consume=False, registry=knows)
-    consumer = await make_manager(registry=Registry())
-    await consumer.create_queue(QueueConfig(name="q"))
-
-    await submitter.submit_task("orphan", "q", "recovery.elsewhere", 1)
-    info = await submitter.wait_for_task("orphan", DEADLINE)
-
-    assert info.status is TaskStatus.FAILED
-    assert info.error is not None
-    assert "'recovery.elsewhere'" in info.error
-    assert "import the module that defines it" in info.error
-    await consumer.submit_task("next", "q", here)
-    assert (await consumer.wait_for_task("next", DEADLINE)).result == "still working"
-    assert await consumer.verify_projections("q") == []
-
-
 async def test_sigterm_lets_a_running_task_finish_within_the_grace(
     make_manager: MakeManager,
     start_worker: StartWorker,

@@ -47,6 +47,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskLost",
     "TaskReclaimed",
+    "TaskRefused",
     "TaskReleased",
     "TaskRequeued",
     "TaskRetryScheduled",
@@ -214,6 +215,23 @@ class TaskDeadLettered(TaskEvent):
     previous: str = ""
     """The consumer that held the entry last (the one that died or froze);
     empty in logs written before kew recorded it."""
+    cause: str = "crash_loop"
+    """"crash_loop" (its consumers died or froze; the breaker counts it as a
+    failure) or "unknown_function" (handed back by consumers without its task
+    function, see task.refused; the breaker does not count it)."""
+
+
+class TaskRefused(TaskEvent):
+    """A consumer that does not have the task's function handed the attempt
+    back: the task waits until `due_at` (state retry) and is queued again, for
+    a consumer that has it. Neither a retry nor a failure."""
+
+    type: Literal["task.refused"] = "task.refused"
+    entry: str
+    function: str
+    refusals: int
+    """How many times the task has been refused so far."""
+    due_at: int
 
 
 class TaskRequeued(TaskEvent):
@@ -279,6 +297,7 @@ KnownEvent = Annotated[
     | TaskInterrupted
     | TaskReleased
     | TaskDeadLettered
+    | TaskRefused
     | TaskRequeued
     | TaskLost
     | QueueConfigured,

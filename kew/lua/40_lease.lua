@@ -8,17 +8,31 @@ A crash loop: an entry delivered more than max_deliveries times without an
 outcome (each time its consumer died, or froze past its lease). Its task goes
 to the dead-letter stream and ends `failed`; its record does not expire, so
 `requeue` can send it back. It counts as a final failure for the breaker.
+
+With `refused` (the name of the task's function), the task was instead
+handed back max_deliveries times by consumers that do not have its function
+(see `refuse`): dead-lettered the same way, with cause `unknown_function`,
+but not counted by the breaker, which judges the task's work, not a
+consumer's configuration.
 ]]
 local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
-                           deliveries, owner)
+                           deliveries, owner, refused)
   drop_entry(Q, ready, entry_id)
   local t = task_fields(task)
   if t.state ~= 'processing' and t.state ~= 'queued' then
     return
   end
+  local cause = 'crash_loop'
   local reason = 'delivered ' .. deliveries .. ' times without an outcome ' ..
     '(max_deliveries=' .. cfg.max_deliveries .. '): its consumers died or ' ..
     'froze while running it'
+  if refused then
+    cause = 'unknown_function'
+    reason = 'handed back ' .. deliveries .. ' times (max_deliveries=' ..
+      cfg.max_deliveries .. ') by consumers that do not have its task ' ..
+      'function ' .. json_string(refused) .. ': run a worker that imports ' ..
+      'the module defining it (kew worker --import MODULE), then requeue it'
+  end
   local dlq_entry = redis.call('XADD', Q.dlq, '*', 'task_id', task_id,
     'entry', entry_id, 'deliveries', deliveries, 'previous', owner or '',
     'reason', reason)
@@ -26,13 +40,17 @@ local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
     t.attempt, env.consumer, t.tp, '{"reason":' .. json_string(reason) ..
     ',"deliveries":' .. deliveries .. ',"entry":' .. json_string(entry_id) ..
     ',"dead_letter":' .. json_string(dlq_entry) .. ',"previous":' ..
-    json_string(owner) .. '}')
+    json_string(owner) .. ',"cause":' .. json_string(cause) .. '}')
   redis.call('HSET', task, 'state', 'failed', 'version', t.version + 1,
     'last_event', eid, 'error', reason, 'finished_at', ms_of(eid),
     'dead_letter', dlq_entry)
   redis.call('HDEL', task, 'trial', 'cancel_requested')
   move(Q.stats, t.state, 'failed')
-  breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial)
+  if refused then
+    breaker_outcome(Q, cfg, env.consumer, env.now, 'released', false, t.trial)
+  else
+    breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial)
+  end
   ended(Q, task, task_id, eid, false, env.channel)
 end
 
@@ -303,4 +321,68 @@ local function release(keys, args)
     end
   end
   return count
+end
+
+--[[
+refuse: hand back an attempt whose task function this consumer does not have
+(a worker started without the --import that defines it, or one of an older
+release during a deploy). That is no fault of the task: no retry is used up,
+and the breaker does not count it, so one misconfigured consumer can neither
+burn tasks nor open the breaker for every consumer. The task waits one lease
+(state retry, task.refused) and is then queued again, for a consumer that has
+the function; the max_deliveries-th refusal sends it to the dead-letter
+stream instead, to be requeued once such a consumer runs. A task asked to
+cancel ends cancelled.
+Fenced like finish: only the consumer that owns the attempt may refuse it.
+KEYS: the queue's keys, then the task hash
+ARGV: consumer, task id, entry id, level, attempt, expiry seconds, finished
+      channel, lease ms (used if the stored config has none)
+Returns {'ok', new state, due time or ''} or {'fenced', why}.
+]]
+local function refuse(keys, args)
+  local Q = queue(keys)
+  local cfg = settings(Q)
+  local task = keys[QUEUE_KEYS + 1]
+  local consumer, task_id, entry_id = args[1], args[2], args[3]
+  local ready, attempt = Q.ready[tonumber(args[4])], args[5]
+  local t = task_fields(task)
+  if t.state ~= 'processing' or t.attempt ~= attempt or t.owner ~= consumer
+      or t.entry ~= entry_id then
+    return {'fenced', 'task is ' .. tostring(t.state) .. ', attempt ' ..
+      tostring(t.attempt) .. ' of ' .. tostring(t.owner)}
+  end
+  local p = redis.call('XPENDING', ready, GROUP, entry_id, entry_id, 1)[1]
+  if not p or p[2] ~= consumer then
+    return {'fenced', 'entry is pending at ' .. tostring(p and p[2])}
+  end
+
+  local env = {consumer = consumer, now = now_ms(), expiry = args[6],
+    channel = args[7]}
+  local refusals = (tonumber(redis.call('HGET', task, 'refusals')) or 0) + 1
+  if t.cancel_requested then
+    drop_entry(Q, ready, entry_id)
+    cancelled_unrun(Q, cfg, task, task_id, t, consumer, env.now, env.expiry,
+      env.channel)
+    return {'ok', 'cancelled', ''}
+  end
+  if refusals >= cfg.max_deliveries then
+    dead_letter(Q, cfg, env, ready, task, task_id, entry_id, refusals, consumer,
+      t.name)
+    return {'ok', 'failed', ''}
+  end
+  drop_entry(Q, ready, entry_id)
+  local due = env.now + (cfg.lease_ms or tonumber(args[8]))
+  local eid = append(Q.log, 'task.refused', task_id, t.last_event, attempt,
+    consumer, t.tp, '{"entry":' .. json_string(entry_id) .. ',"function":' ..
+    json_string(t.name) .. ',"refusals":' .. refusals .. ',"due_at":' .. due ..
+    '}')
+  redis.call('HSET', task, 'state', 'retry', 'version', t.version + 1,
+    'last_event', eid, 'due_at', due, 'refusals', refusals)
+  redis.call('HDEL', task, 'trial')
+  redis.call('ZADD', Q.sched, due, task_id)
+  move(Q.stats, 'processing', 'retry')
+  if t.trial then
+    breaker_outcome(Q, cfg, consumer, env.now, 'released', false, true)
+  end
+  return {'ok', 'retry', tostring(due)}
 end

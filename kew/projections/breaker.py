@@ -23,6 +23,7 @@ from kew.events.models import (
     TaskFailed,
     TaskInterrupted,
     TaskLost,
+    TaskRefused,
     TaskStarted,
     TaskSucceeded,
 )
@@ -56,6 +57,7 @@ BREAKER_EVENTS: frozenset[type[Event]] = frozenset(
         TaskCancelled,
         TaskInterrupted,
         TaskLost,
+        TaskRefused,
     }
 )
 """The event types that can change the breaker; a fold skips the others."""
@@ -98,8 +100,8 @@ def _step(b: BreakerState, event: Event, task: TaskState | None) -> BreakerState
         after = replace(after, trials=b.trials - 1)
     if isinstance(event, TaskSucceeded) and b.failures:
         after = replace(after, failures=0)
-    elif (isinstance(event, TaskFailed) and not event.retry) or isinstance(
-        event, TaskDeadLettered
+    elif (isinstance(event, TaskFailed) and not event.retry) or (
+        isinstance(event, TaskDeadLettered) and event.cause == "crash_loop"
     ):
         after = replace(after, failures=b.failures + 1)
     return after
@@ -111,6 +113,7 @@ _TRIAL_ENDS = (
     TaskCancelled,
     TaskInterrupted,
     TaskDeadLettered,
+    TaskRefused,
 )
 """The ends of an attempt: each frees the slot of a trial, whatever the
 breaker's state (the breaker's own events never reset `trials`)."""
