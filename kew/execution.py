@@ -1,8 +1,10 @@
 """Running one attempt of a task function: arguments in, an Outcome out.
 
-Everything that can go wrong in a task function, or around it (an unknown
-function, undecodable arguments, a timeout, a result that is not JSON), ends
-as an Outcome; only the consumer's own cancellation escapes, as it must.
+Everything that can go wrong in a task function, or around it (undecodable
+arguments, a timeout, a result that is not JSON), ends as an Outcome; only the
+consumer's own cancellation escapes, as it must. (A consumer hands back an
+attempt whose function it does not have before it gets here, see `refuse` in
+kew/attempts.py; given no function, `run_attempt` fails the attempt.)
 The function runs in a task of its own (kept in `functions` while it runs), so
 that `cancel_task` can cancel it without cancelling the bookkeeping around it.
 
