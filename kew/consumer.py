@@ -112,11 +112,6 @@ HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
 breaker is taken (the only state in which a consumer polls)."""
 _QUIET_SKIPS = ("task is cancelled", "the circuit breaker holds it")
-_REFUSED = {
-    "retry": "it is queued again after a lease, for a consumer that has it",
-    "failed": "handed back max_deliveries times, it is dead-lettered",
-    "cancelled": "it was asked to cancel, and is cancelled",
-}
 
 
 class Consumer:
@@ -524,40 +519,18 @@ class Consumer:
                 self.slots.release()
 
     async def _refuse(self, attempt: Attempt) -> None:
-        """Hand back an attempt whose task function is not registered here:
-        not a failure of the task, nor one the breaker counts (see `refuse`
-        in kew/lua/40_lease.lua)."""
-        try:
-            with internal():
-                row = await refuse(
-                    self.client,
-                    self.keys,
-                    attempt,
-                    consumer=self.name,
-                    expiry_seconds=self.expiry_seconds,
-                    lease_ms=int(self.config.lease_seconds * 1000),
-                    timeout=self._call_timeout,
-                )
-        except KewError as exc:
-            logger.warning(
-                "consumer %s could not hand back task %r (%s); it will be taken "
-                "over after the lease",
-                self.name,
-                attempt.task_id,
-                exc,
+        """Hand back an attempt whose task function is not registered here."""
+        with internal():
+            ended = await refuse(
+                self.client,
+                self.keys,
+                attempt,
+                consumer=self.name,
+                expiry_seconds=self.expiry_seconds,
+                lease_ms=int(self.config.lease_seconds * 1000),
+                timeout=self._call_timeout,
             )
-            return
-        logger.warning(
-            "consumer %s does not have task function %r of task %r (attempt %s) "
-            "and handed it back: %s. Import the module that defines it (kew "
-            "worker --import MODULE).",
-            self.name,
-            attempt.name,
-            attempt.task_id,
-            attempt.attempt,
-            _REFUSED.get(row[1], row[1]) if row[0] == "ok" else row[1],
-        )
-        if row[0] == "ok" and row[1] != "retry":
+        if ended:
             self.on_finished(self.keys.queue, attempt.task_id)
 
     async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
