@@ -27,6 +27,7 @@ from kew.errors import (
     TaskQueueError,
     WaitTimeoutError,
 )
+from kew.execution import TaskContext, current_task
 from kew.manager import TaskQueueManager
 from kew.models import QueueConfig, QueuePriority, TaskInfo, TaskStatus
 from kew.registry import task
@@ -48,6 +49,7 @@ __all__ = [
     "ServerNotFoundError",
     "ServerVersionError",
     "TaskAlreadyExistsError",
+    "TaskContext",
     "TaskFunctionError",
     "TaskInfo",
     "TaskNotFoundError",
@@ -56,5 +58,6 @@ __all__ = [
     "TaskStatus",
     "WaitTimeoutError",
     "__version__",
+    "current_task",
     "task",
 ]

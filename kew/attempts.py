@@ -1,12 +1,31 @@
-"""Attempts as the functions return them, outcomes, and their batched recording."""
+"""Attempts as the functions return them, outcomes, their batched recording,
+and the hand-back of an attempt whose task function is not here."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["Attempt", "FinishBatcher", "Outcome"]
+from kew import functions
+from kew.errors import KewError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from kew.keys import QueueKeys
+
+__all__ = ["Attempt", "FinishBatcher", "Outcome", "refuse"]
+
+logger = logging.getLogger(__name__)
+
+_REFUSED = {
+    "retry": "it is queued again after a lease, for a consumer that has it",
+    "failed": "handed back max_deliveries times, it is dead-lettered",
+    "cancelled": "it was asked to cancel, and is cancelled",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,3 +113,58 @@ class FinishBatcher:
         """Wait until every outcome handed in so far is recorded."""
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+
+async def refuse(
+    client: aioredis.Redis,
+    keys: QueueKeys,
+    attempt: Attempt,
+    *,
+    consumer: str,
+    expiry_seconds: int,
+    lease_ms: int,
+    timeout: float,
+) -> bool:
+    """Hand back an attempt whose task function this process does not have,
+    for a consumer that has it (`refuse` in kew/lua/40_lease.lua): not a
+    failure of the task, nor one the breaker counts. Logs what became of it;
+    returns True if the task ended (dead-lettered, or cancelled)."""
+    level = keys.ready_all.index(attempt.ready) + 1
+    try:
+        reply = await functions.call(
+            client,
+            "refuse",
+            [*keys.queue_keys, keys.task(attempt.task_id)],
+            [
+                consumer,
+                attempt.task_id,
+                attempt.entry,
+                level,
+                str(attempt.attempt),
+                expiry_seconds,
+                keys.finished_channel,
+                lease_ms,
+            ],
+            timeout=timeout,
+        )
+    except KewError as exc:
+        logger.warning(
+            "consumer %s could not hand back task %r (%s); it will be taken over "
+            "after the lease",
+            consumer,
+            attempt.task_id,
+            exc,
+        )
+        return False
+    ok, state = str(reply[0]), str(reply[1])
+    logger.warning(
+        "consumer %s does not have task function %r of task %r (attempt %s) and "
+        "handed it back: %s. Import the module that defines it (kew worker "
+        "--import MODULE).",
+        consumer,
+        attempt.name,
+        attempt.task_id,
+        attempt.attempt,
+        _REFUSED.get(state, state) if ok == "ok" else state,
+    )
+    return ok == "ok" and state != "retry"

@@ -13,7 +13,9 @@ Invariants:
   one consumer, so maintain always knows every attempt the fetch started.
   Entries it holds that someone else now owns are reported as lost, and their
   local attempt is cancelled: the new owner runs the task, and this
-  consumer's outcome would be fenced anyway.
+  consumer's outcome would be fenced anyway. So is the attempt of an entry
+  deleted from its stream while held: `maintain` logs it as `task.lost` and
+  queues the task again, to run as a new attempt.
 * Outcomes are recorded by `finish`, batched: attempts that end in the same
   turn of the event loop share one round trip. A slot is released as soon as
   its task function returns, so the next fetch overlaps the recording of the
@@ -37,6 +39,9 @@ never by resending blindly:
 * The blocking wait is a plain XREAD that claims nothing, so a lost reply
   costs nothing; it runs under a client-side deadline (`BLOCK_MS` plus
   `READ_MARGIN`), so a half-open connection cannot stall fetching for ever.
+* The fetch, maintain and finish calls wait one lease for their reply (at
+  least `MIN_CALL_TIMEOUT`), not the general `COMMAND_TIMEOUT`: a half-open
+  connection must not stall renewals while others take over.
 * A `finish` call that fails for want of a connection is repeated with
   backoff for up to one lease (the entry stays held and renewed meanwhile).
   `finish` is fenced, so a repeat is harmless; when the first call was in
@@ -69,7 +74,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rex
 
 from kew import functions
-from kew.attempts import Attempt, FinishBatcher, Outcome
+from kew.attempts import Attempt, FinishBatcher, Outcome, refuse
 from kew.connection import Reconnect
 from kew.errors import ConnectionFailedError, KewError
 from kew.events.models import (
@@ -78,7 +83,7 @@ from kew.events.models import (
     TaskRetryScheduled,
     TaskSucceeded,
 )
-from kew.execution import run_attempt
+from kew.execution import AttemptKey, RunningFunctions, cancel_functions, run_attempt
 from kew.hooks import Hooks
 from kew.keys import LEVELS, QueueKeys
 from kew.models import QueueConfig
@@ -100,6 +105,8 @@ CANCEL_GRACE = 1.0
 """Seconds `stop` gives cancelled attempts, and the recording of outcomes,
 before it abandons them."""
 RELEASE_TIMEOUT = 2.0
+MIN_CALL_TIMEOUT = 1.0
+"""The shortest deadline of a fetch or maintain call (see `_call_timeout`)."""
 """Seconds `stop` waits for the server to take back this consumer's entries."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
@@ -136,11 +143,13 @@ class Consumer:
         self.hooks = hooks
         self.on_finished = on_finished
         self.telemetry = telemetry or Telemetry()
-        self.running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
+        self.running: dict[AttemptKey, tuple[Attempt, asyncio.Task[None]]] = {}
+        """Attempts running here, by (task id, attempt): an attempt cancelled
+        as lost may still be ending when this consumer starts the task again."""
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
-        self._functions: dict[str, asyncio.Future[Any]] = {}
+        self._functions: RunningFunctions = {}
         self._batcher = FinishBatcher(self._record_surely)
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -260,15 +269,21 @@ class Consumer:
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running task function of `task_id`, if it runs here."""
-        function = self._functions.get(task_id)
-        if function is None or function.done():
-            return False
-        function.cancel()
-        return True
+        return cancel_functions(self._functions, task_id)
 
     @property
     def busy(self) -> int:
         return len(self.running)
+
+    @property
+    def _call_timeout(self) -> float:
+        """How long a fetch or maintain call may wait for its reply: one lease
+        (at least MIN_CALL_TIMEOUT). A renewal that has not answered within a
+        lease is too late to keep it anyway; waiting longer on a half-open
+        connection would only let other consumers take over what this one
+        runs, while it still believes it holds them. A call cut short is
+        retried with backoff, on a new connection."""
+        return max(self._lease, MIN_CALL_TIMEOUT)
 
     def wake(self) -> None:
         """Run `maintain` now: something may have become due sooner (a task
@@ -328,7 +343,11 @@ class Consumer:
             try:
                 with internal():
                     reply = await functions.call(
-                        self.client, "fetch", self.keys.queue_keys, args
+                        self.client,
+                        "fetch",
+                        self.keys.queue_keys,
+                        args,
+                        timeout=self._call_timeout,
                     )
             except BaseException:
                 self.slots.release(n)
@@ -443,7 +462,7 @@ class Consumer:
             task = asyncio.create_task(
                 self._run(attempt, delivery), name=f"kew task {attempt.task_id}"
             )
-            self.running[attempt.task_id] = (attempt, task)
+            self.running[attempt.task_id, attempt.attempt] = (attempt, task)
             started += 1
         return started
 
@@ -452,6 +471,9 @@ class Consumer:
     async def _run(self, attempt: Attempt, delivery: int | None) -> None:
         slot_held = True
         try:
+            if self.registry.get(attempt.name) is None:
+                await self._refuse(attempt)
+                return
             outcome = await self._execute(attempt, delivery)
             # The function is done: its slot may start the next attempt while
             # this outcome is being recorded (the entry stays held and renewed).
@@ -492,11 +514,24 @@ class Consumer:
             )
         finally:
             self.finishing.discard(attempt.entry)
-            current = self.running.get(attempt.task_id)
-            if current is not None and current[0] is attempt:
-                del self.running[attempt.task_id]
+            self.running.pop((attempt.task_id, attempt.attempt), None)
             if slot_held:
                 self.slots.release()
+
+    async def _refuse(self, attempt: Attempt) -> None:
+        """Hand back an attempt whose task function is not registered here."""
+        with internal():
+            ended = await refuse(
+                self.client,
+                self.keys,
+                attempt,
+                consumer=self.name,
+                expiry_seconds=self.expiry_seconds,
+                lease_ms=int(self.config.lease_seconds * 1000),
+                timeout=self._call_timeout,
+            )
+        if ended:
+            self.on_finished(self.keys.queue, attempt.task_id)
 
     async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
         """Run one attempt inside its process span."""
@@ -593,7 +628,9 @@ class Consumer:
             ]
         # Suppressed: the process spans have ended, and one call records many.
         with internal():
-            reply = await functions.call(self.client, "finish", keys, args)
+            reply = await functions.call(
+                self.client, "finish", keys, args, timeout=self._call_timeout
+            )
         return functions.rows(reply)
 
     # -- leases ----------------------------------------------------------
@@ -636,6 +673,7 @@ class Consumer:
                         "maintain",
                         [*self.keys.queue_keys, self.keys.worker(self.name)],
                         self._maintain_args(room),
+                        timeout=self._call_timeout,
                     )
             except BaseException:
                 self.slots.release(room)
@@ -664,22 +702,38 @@ class Consumer:
 
     def _after_maintain(self, room: int, reply: Any) -> None:
         lost, rows, cancel, next_due, now, lease_ms = cast(
-            tuple[list[str], list[list[str]], list[str], str, int, int], reply
+            tuple[list[list[str]], list[list[str]], list[str], str, int, int], reply
         )
         self._lease = min(self.config.lease_seconds, int(lease_ms) / 1000)
         self._next_due = None
         self._note_due(next_due, now)
         self.slots.release(room - self._dispatch(rows, int(now), taken_over=True))
         if lost:
-            self._forget(set(lost))
+            self._forget({entry: why for entry, why in lost})
         for task_id in cancel:
             self.cancel(task_id)
 
-    def _forget(self, lost: set[str]) -> None:
+    def _forget(self, lost: dict[str, str]) -> None:
+        """Cancel the local runs of attempts whose entries this consumer no
+        longer holds: `lost` maps each such entry to 'taken over' or 'deleted'
+        (see `renew` in kew/lua/40_lease.lua)."""
         for attempt, task in list(self.running.values()):
+            why = lost.get(attempt.entry)
             # An entry whose outcome is being recorded is gone from the server
             # because `finish` acknowledged it first: not lost.
-            if attempt.entry in lost and attempt.entry not in self.finishing:
+            if why is None or attempt.entry in self.finishing:
+                continue
+            if why == "deleted":
+                logger.warning(
+                    "consumer %s: the entry %s of task %r attempt %s was deleted "
+                    "from its ready stream (by hand, or a trim); logged as "
+                    "task.lost, the task is queued again; cancelling the local run",
+                    self.name,
+                    attempt.entry,
+                    attempt.task_id,
+                    attempt.attempt,
+                )
+            else:
                 logger.warning(
                     "consumer %s lost its lease on task %r attempt %s (another "
                     "consumer took it over); cancelling the local run",
@@ -687,4 +741,4 @@ class Consumer:
                     attempt.task_id,
                     attempt.attempt,
                 )
-                task.cancel()
+            task.cancel()

@@ -1,10 +1,16 @@
 """Running one attempt of a task function: arguments in, an Outcome out.
 
-Everything that can go wrong in a task function, or around it (an unknown
-function, undecodable arguments, a timeout, a result that is not JSON), ends
-as an Outcome; only the consumer's own cancellation escapes, as it must.
+Everything that can go wrong in a task function, or around it (undecodable
+arguments, a timeout, a result that is not JSON), ends as an Outcome; only the
+consumer's own cancellation escapes, as it must. (A consumer hands back an
+attempt whose function it does not have before it gets here, see `refuse` in
+kew/attempts.py; given no function, `run_attempt` fails the attempt.)
 The function runs in a task of its own (kept in `functions` while it runs), so
 that `cancel_task` can cancel it without cancelling the bookkeeping around it.
+
+While a task function runs, `current_task()` tells it which task and attempt
+it is running (a context variable, copied into the function's own task), so
+that it can key its side effects on the task id.
 
 A timeout is told apart from a cancellation by the deadline itself
 (`expired()`), not by the exception that comes out: a function that catches
@@ -19,10 +25,11 @@ attempt holds a worker slot until it returns, and then counts as timed out.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic_core
 
@@ -31,9 +38,59 @@ from kew.encoding import non_finite
 from kew.hooks import Hooks
 from kew.registry import TaskFunction
 
-__all__ = ["run_attempt"]
+__all__ = [
+    "AttemptKey",
+    "RunningFunctions",
+    "TaskContext",
+    "cancel_functions",
+    "current_task",
+    "run_attempt",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class TaskContext(NamedTuple):
+    """The task and attempt a task function is running for."""
+
+    task_id: str
+    attempt: int
+    """Numbered from 1; a task run again (after its consumer died, a retry)
+    has a higher number."""
+    queue: str
+
+
+_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "kew_current_task", default=None
+)
+
+
+def current_task() -> TaskContext | None:
+    """The task and attempt the calling task function runs for, or None when
+    it is not called by kew (a direct call, a test).
+
+    `task_id` is unique in its queue and the same in every attempt: it is the
+    natural idempotency key for the function's side effects outside Redis.
+    """
+    return _current.get()
+
+
+AttemptKey = tuple[str, int]
+"""(task id, attempt): one attempt of a task, as the consumer tracks it."""
+RunningFunctions = dict[AttemptKey, asyncio.Future[Any]]
+"""The task functions running now, by attempt. An attempt cancelled but not
+yet ended may run beside a newer attempt of its task that this consumer took
+back: keyed by attempt, neither removes the other's entry."""
+
+
+def cancel_functions(functions: RunningFunctions, task_id: str) -> bool:
+    """Cancel every running attempt of `task_id` here; True if there was one."""
+    found = False
+    for (running_id, _), function in list(functions.items()):
+        if running_id == task_id and not function.done():
+            function.cancel()
+            found = True
+    return found
 
 
 async def run_attempt(
@@ -43,11 +100,10 @@ async def run_attempt(
     consumer: str,
     queue: str,
     hooks: Hooks,
-    functions: dict[str, asyncio.Future[Any]],
+    functions: RunningFunctions,
 ) -> Outcome:
     """Run the attempt's task function and say how it ended."""
     started = time.perf_counter()
-    function = function
     if function is None:
         return _failure(
             attempt,
@@ -68,8 +124,15 @@ async def run_attempt(
             f"decoded ({exc}); submit the task again.",
             "SerializationError",
         )
-    run = asyncio.ensure_future(function.run(args, kwargs))
-    functions[attempt.task_id] = run
+    # The function's task copies the context as it is made: it sees its own
+    # TaskContext, and this task's context is left as it was.
+    token = _current.set(TaskContext(attempt.task_id, attempt.attempt, queue))
+    try:
+        run = asyncio.ensure_future(function.run(args, kwargs))
+    finally:
+        _current.reset(token)
+    key = (attempt.task_id, attempt.attempt)
+    functions[key] = run
     deadline = asyncio.timeout(attempt.timeout)
     try:
         async with deadline:
@@ -85,7 +148,8 @@ async def run_attempt(
             return _timed_out(attempt, exc)
         return _failure(attempt, _describe(exc), _type_name(exc), exc)
     finally:
-        functions.pop(attempt.task_id, None)
+        if functions.get(key) is run:
+            del functions[key]
     if deadline.expired():
         # The function caught the cancellation and returned: still a timeout.
         return _timed_out(attempt)

@@ -92,10 +92,12 @@ async def call(
     args: Sequence[Any],
     *,
     readonly: bool = False,
+    timeout: float = COMMAND_TIMEOUT,
 ) -> Any:
-    """FCALL one of the library's functions (FCALL_RO for a `readonly` one);
-    load the library and retry once if the server has lost it (a restart
-    without persistence, a failover)."""
+    """FCALL one of the library's functions (FCALL_RO for a `readonly` one),
+    waiting at most `timeout` seconds for each reply; load the library and
+    retry once if the server has lost it (a restart without persistence, a
+    failover)."""
     name = function_name(short)
 
     def send() -> Awaitable[Any]:
@@ -104,13 +106,13 @@ async def call(
         return client.fcall(name, len(keys), *keys, *args)
 
     try:
-        return await guarded(send())
+        return await guarded(send(), timeout)
     except ServerError as exc:
         if "function not found" not in str(exc).lower():
             raise
     logger.info("Redis Functions library %s missing; loading it", LIBRARY)
     await load(client)
-    return await guarded(send())
+    return await guarded(send(), timeout)
 
 
 def translate_redis_error(exc: BaseException) -> KewError:

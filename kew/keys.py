@@ -15,6 +15,7 @@ outside it.
     <prefix>:{<q>}:config               hash: the queue's configuration
     <prefix>:{<q>}:dlq                  stream: dead letters
     <prefix>:{<q>}:ended                hash: ended task -> its last event id
+    <prefix>:{<q>}:pending              hash: held ready entry -> its task id
     <prefix>:{<q>}:snapshot             hash: the fold of the trimmed head of the log
     <prefix>:{<q>}:worker:<consumer>    string with TTL: liveness of a consumer
     <prefix>:{<q>}:finished             pub/sub channel: ids of tasks that ended
@@ -114,6 +115,13 @@ class QueueKeys:
         return f"{self.base}:ended"
 
     @property
+    def pending(self) -> str:
+        """Hash: '<level>:<entry id>' -> task id of every ready entry a
+        consumer holds (an attempt started on it), so that an entry deleted
+        from its stream while pending still names its task."""
+        return f"{self.base}:pending"
+
+    @property
     def finished_channel(self) -> str:
         return f"{self.base}:finished"
 
@@ -141,6 +149,7 @@ class QueueKeys:
             *(self.ready(level) for level in LEVELS),
             self.dlq,
             self.ended,
+            self.pending,
         ]
 
     @property

@@ -182,3 +182,52 @@ def test_server_options_hold_before_or_after_the_command() -> None:
     assert (before.redis_url, before.prefix) == ("redis://a:6379/0", "top")
     assert (after.redis_url, after.prefix) == (None, "sub")
     assert (neither.redis_url, neither.prefix) == (None, None)
+
+
+async def test_dead_letters_requeue_sends_them_back(
+    redis_url: str,
+    prefix: str,
+    client: aioredis.Redis,
+    make_manager: Callable[..., Awaitable[TaskQueueManager]],
+) -> None:
+    """`kew dead-letters requeue Q` sends the dead letters back, says how many,
+    and the tasks then run; `list` shows them before and none after."""
+
+    async def double(value: int) -> int:
+        return 2 * value
+
+    registry = Registry()
+    registry.register(double, "cli.twice")
+    creator = await make_manager(consume=False, registry=registry)
+    await creator.create_queue(
+        QueueConfig(name="q", max_deliveries=1, lease_seconds=0.1)
+    )
+    await creator.submit_task("d", "q", "cli.twice", 21)
+    # A consumer that read the entry and died at once, then one that finds it
+    # lapsed: delivered twice with max_deliveries=1, it is dead-lettered.
+    ready = f"{prefix}:{{q}}:ready:medium"
+    assert await client.xreadgroup("workers", "ghost", {ready: ">"}, count=1)
+    consumer = await make_manager(registry=registry)
+    await consumer.attach_queue("q")
+    info = await consumer.wait_for_task("d", timeout=TIMEOUT)
+    assert info.status is TaskStatus.FAILED
+    listed = await asyncio.to_thread(
+        run_kew, "--prefix", prefix, "dead-letters", "list", "q", url=redis_url
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "1 dead letters in 'q'." in listed.stdout
+
+    done = await asyncio.to_thread(
+        run_kew, "dead-letters", "requeue", "q", "--prefix", prefix, url=redis_url
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Requeued 1 dead-lettered tasks of 'q'."
+    assert done.stderr == ""
+    info = await consumer.wait_for_task("d", timeout=TIMEOUT)
+    assert (info.status, info.result) == (TaskStatus.COMPLETED, 42)
+    listed = await asyncio.to_thread(
+        run_kew, "--prefix", prefix, "dead-letters", "list", "q", url=redis_url
+    )
+    assert "0 dead letters in 'q'." in listed.stdout
+    assert await consumer.verify_projections("q") == []

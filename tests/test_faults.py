@@ -3,9 +3,10 @@
 The faults are real: CLIENT KILL of kew's own connections (picked by the
 client name kew gives them, `kew:<prefix>:<identity>`, so the other clients
 of a shared server are never touched), and a SIGKILL of a server that the test
-launches itself through kew's launcher. Nothing waits a fixed time: every
-wait is on a condition (a task running, a warning logged, a task ended) with
-a deadline.
+launches itself through kew's launcher: the bundled Valkey, and Debian's
+Redis 7.0 (`/usr/bin/redis-server`) where it is installed. Nothing waits a
+fixed time: every wait is on a condition (a task running, a warning logged, a
+task ended) with a deadline.
 
 Each test asserts, from the log: every task ends exactly once; every attempt
 is in the log, numbered without gaps; an attempt started again only if the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -202,11 +204,24 @@ async def test_killed_connections_lose_nothing(
     assert 1 <= len(noticed) <= 8 * len(faults), noticed
 
 
-@pytest.fixture
-async def own_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+DEBIAN_REDIS = Path("/usr/bin/redis-server")
+
+
+@pytest.fixture(params=["valkey", "redis"])
+async def own_server(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[EmbeddedServer]:
     """A server of the test's own, launched by kew, persisting to an AOF in
-    tmp_path that is fsynced before every reply."""
-    server = EmbeddedServer(persistent_dir=tmp_path / "data", appendfsync="always")
+    tmp_path that is fsynced before every reply: the bundled Valkey, and
+    Debian's Redis 7.0 (the server CI's shared instance runs) where installed."""
+    binary = None
+    if request.param == "redis":
+        if not os.access(DEBIAN_REDIS, os.X_OK):
+            pytest.skip(f"no {DEBIAN_REDIS} here to restart Redis itself")
+        binary = DEBIAN_REDIS
+    server = EmbeddedServer(
+        binary, persistent_dir=tmp_path / "data", appendfsync="always"
+    )
     server.start()
     try:
         yield server
@@ -214,8 +229,16 @@ async def own_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
         server.stop()
 
 
+async def server_kind(client: aioredis.Redis) -> str:
+    info = await client.info("server")
+    return "valkey" if "valkey_version" in info else "redis"
+
+
 async def test_server_killed_and_restarted_with_aof_loses_nothing(
-    own_server: EmbeddedServer, prefix: str, caplog: pytest.LogCaptureFixture
+    own_server: EmbeddedServer,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A server SIGKILLed mid-workload and restarted at its address: nothing
     acknowledged is lost, each task ends once, log and projections agree.
@@ -234,6 +257,7 @@ async def test_server_killed_and_restarted_with_aof_loses_nothing(
     url = own_server.url
     assert url is not None
     client = aioredis.Redis.from_url(url, decode_responses=True, protocol=2)
+    assert await server_kind(client) == request.node.callspec.params["own_server"]
     log = QueueKeys(prefix, "q").log
     workload = Workload()
     managers = [

@@ -29,7 +29,7 @@ from kew.events import (
 )
 from kew.events import models as models_module
 from kew.events.log import read
-from kew.events.models import EVENT_TYPES, TaskEvent
+from kew.events.models import EVENT_TYPES, TaskDeadLettered, TaskEvent
 from kew.keys import QueueKeys
 from kew.projections import TaskState, apply, fold, fold_queue
 
@@ -278,6 +278,22 @@ def test_codec_round_trips_and_tolerates_unknown_input() -> None:
     )
     assert isinstance(extra, TaskFailed)
     assert extra.error == "e"
+
+
+def test_fields_added_later_have_defaults_for_old_logs() -> None:
+    """An event written before a field existed still decodes: task.dead_lettered
+    without `previous` (added later) reads as an empty previous consumer."""
+    old = decode(
+        "9-0",
+        {
+            "type": "task.dead_lettered",
+            "v": "1",
+            "task_id": "x",
+            "data": '{"reason":"r","deliveries":2,"entry":"1-0","dead_letter":"2-0"}',
+        },
+    )
+    assert isinstance(old, TaskDeadLettered)
+    assert old.previous == ""
 
 
 def test_upcaster_upgrades_an_old_version(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ from kew.events.log import read
 from kew.events.models import (
     Event,
     TaskDeadLettered,
-    TaskLost,
     TaskReclaimed,
     TaskRequeued,
     TaskStarted,
@@ -227,6 +225,12 @@ async def started_by(
     )
 
 
+def stopped(pid: int) -> bool:
+    """Is the process stopped by a signal (state T in /proc/<pid>/stat)?"""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
 def clean(stderr: str) -> bool:
     return not any(bad in stderr for bad in _BAD_STDERR)
 
@@ -242,15 +246,42 @@ async def server_ms(client: aioredis.Redis) -> int:
     return seconds * 1000 + micros // 1000
 
 
+RecordProperty = Callable[[str, object], None]
+
+
+def report_recovery(
+    record: RecordProperty, what: str, times_ms: list[int], lease_ms: int
+) -> None:
+    """Print the measured recovery times (shown with `pytest -s`, and kept in
+    a junit report as the test's properties). Not asserted: a loaded machine
+    may stretch them; what the design guarantees is asserted by each test."""
+    median, worst = statistics.median(times_ms), max(times_ms)
+    record(f"{what}_ms", times_ms)
+    print(
+        f"{what} (lease {lease_ms} ms, {len(times_ms)} takeovers): median "
+        f"{median:.0f} ms, worst {worst} ms, each {times_ms}"
+    )
+
+
+def check_lapsed(reclaimed: TaskReclaimed, lease_ms: int, alive_until: int) -> None:
+    """What a takeover guarantees: the entry was idle at least a lease, and its
+    last renewal (or delivery) came from the previous consumer while it was
+    still alive (`alive_until`, server ms): a dead process renews nothing."""
+    assert reclaimed.idle_ms >= lease_ms, reclaimed
+    assert reclaimed.ms - reclaimed.idle_ms <= alive_until, reclaimed
+
+
 async def test_sigkill_mid_task_loses_nothing_with_default_settings(
     make_manager: MakeManager,
     start_worker: StartWorker,
     client: aioredis.Redis,
     prefix: str,
+    record_property: RecordProperty,
 ) -> None:
     """SIGKILL of a worker running ten tasks loses none: a survivor takes each
-    over, the log shows every attempt and one end per task, and the rebuilt
-    projections equal the stored ones."""
+    over once its lease lapsed, the log shows every attempt and one end per
+    task, and the rebuilt projections equal the stored ones. The time from the
+    kill to each takeover is measured and reported."""
     submitter = await make_manager(consume=False)
     await submitter.create_queue(QueueConfig(name="q"))
     lease_ms = int(QueueConfig(name="q").lease_seconds * 1000)
@@ -266,6 +297,7 @@ async def test_sigkill_mid_task_loses_nothing_with_default_settings(
     await eventually(all_started, what="the worker to start the ten tasks")
     killed_at = await server_ms(client)
     await worker.kill()
+    dead_by = await server_ms(client)  # the process has been reaped
     survivor = await survivor_with(make_manager, "recovery.sleep", "from the survivor")
     infos = [await survivor.wait_for_task(t, timeout=TAKEOVER) for t in ids]
 
@@ -292,17 +324,13 @@ async def test_sigkill_mid_task_loses_nothing_with_default_settings(
         assert isinstance(reclaimed, TaskReclaimed)
         assert reclaimed.previous == dead
         assert reclaimed.entry == started.entry
-        assert lease_ms <= reclaimed.idle_ms < 10 * 60_000
+        check_lapsed(reclaimed, lease_ms, dead_by)
+        # The survivor's clock of the takeover and of its second start: the
+        # attempt is started in the same call that takes the entry over.
+        assert restarted.ms == reclaimed.ms
         recoveries.append(restarted.ms - killed_at)
     assert await survivor.verify_projections("q") == []
-
-    worst, median = max(recoveries), statistics.median(recoveries)
-    print(
-        f"recovery after SIGKILL (lease {lease_ms} ms, {len(ids)} tasks): "
-        f"median {median:.0f} ms, worst {worst} ms"
-    )
-    # Not a speed test: a bound that only a broken recovery exceeds.
-    assert 0 < worst < 4 * lease_ms + 2000, recoveries
+    report_recovery(record_property, "recovery after SIGKILL", recoveries, lease_ms)
 
 
 async def test_max_deliveries_1_dead_letters_a_task_whose_worker_was_killed(
@@ -339,6 +367,9 @@ async def test_max_deliveries_1_dead_letters_a_task_whose_worker_was_killed(
     ]
     (letter,) = await survivor.dead_letters("q")
     assert (letter["task_id"], letter["previous"]) == ("once", dead)
+    dead_lettered = events[-1]
+    assert isinstance(dead_lettered, TaskDeadLettered)
+    assert dead_lettered.previous == dead
     assert await survivor.verify_projections("q") == []
 
 
@@ -347,9 +378,11 @@ async def test_a_stopped_worker_is_fenced_when_it_resumes(
     start_worker: StartWorker,
     client: aioredis.Redis,
     prefix: str,
+    record_property: RecordProperty,
 ) -> None:
     """A worker frozen (SIGSTOP) between computing a result and recording it is
-    taken over; after SIGCONT `finish` refuses its stale outcome."""
+    taken over once its lease lapsed; after SIGCONT `finish` refuses its stale
+    outcome. The time from the freeze to the takeover is reported."""
     creator = await make_manager(consume=False)
     await creator.create_queue(QueueConfig(name="q", lease_seconds=0.5))
     a = start_worker("q")
@@ -359,6 +392,8 @@ async def test_a_stopped_worker_is_fenced_when_it_resumes(
     await eventually(
         lambda: started_by(client, prefix, "t", a_name), what="A to start t"
     )
+    await eventually(lambda: stopped(a.process.pid), what="A to freeze")
+    frozen_by = await server_ms(client)
 
     try:
         b = await survivor_with(make_manager, "recovery.freeze", "from B")
@@ -386,6 +421,11 @@ async def test_a_stopped_worker_is_fenced_when_it_resumes(
     reclaimed = events[2]
     assert isinstance(reclaimed, TaskReclaimed)
     assert reclaimed.previous == a_name
+    check_lapsed(reclaimed, 500, frozen_by)
+    # A freezes itself as soon as its attempt starts: measured from that start.
+    report_recovery(
+        record_property, "takeover after SIGSTOP", [reclaimed.ms - events[1].ms], 500
+    )
     assert await a.terminate() == 0
     assert clean(a.stderr()), a.stderr()
     assert await b.verify_projections("q") == []
@@ -399,8 +439,10 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    record_property: RecordProperty,
 ) -> None:
-    """A crash loop is dead-lettered after max_deliveries, then requeued and run."""
+    """A crash loop is dead-lettered after max_deliveries, then requeued and run.
+    The time from each crash to the next consumer's takeover is reported."""
     creator = await make_manager(consume=False)
     await creator.create_queue(
         QueueConfig(name="q", max_deliveries=2, lease_seconds=0.5)
@@ -412,6 +454,8 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     # Waiting from the start: a dead letter tells waiters, as any end does.
     ended = asyncio.ensure_future(creator.wait_for_task("crasher", timeout=60))
     workers: list[Worker] = []
+    died_by: list[int] = []
+    """Server ms by which each crashed worker was seen dead."""
     try:
         while not ended.done():
             assert len(workers) < 5, "still not dead-lettered after five workers"
@@ -423,6 +467,8 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
                 timeout=TAKEOVER,
                 what="the worker to die or the task to be dead-lettered",
             )
+            if worker.process.poll() is not None:
+                died_by.append(await server_ms(client))
         info = await ended
     finally:
         ended.cancel()
@@ -454,7 +500,16 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     assert reclaimed.previous == first.actor
     assert reclaimed.actor == second.actor != first.actor
     assert dead.actor not in (first.actor, second.actor)
+    assert dead.previous == second.actor
     assert dead.deliveries == 3
+    check_lapsed(reclaimed, 500, died_by[0])
+    # Each crash comes as its attempt starts (the function kills its process).
+    report_recovery(
+        record_property,
+        "takeover after a crash (then the dead letter)",
+        [reclaimed.ms - first.ms, dead.ms - second.ms],
+        500,
+    )
     assert dead.dead_letter == letters[0]["id"]
 
     listed = await asyncio.to_thread(
@@ -490,58 +545,6 @@ async def test_a_crash_loop_is_dead_lettered_and_requeued(
     assert await consumer.dead_letters("q") == []
     assert (await consumer.get_queue_status("q"))["dead_letters"] == 0
     assert await consumer.verify_projections("q") == []
-
-
-async def test_a_pending_entry_deleted_by_hand_is_logged_as_lost(
-    make_manager: MakeManager,
-    start_worker: StartWorker,
-    client: aioredis.Redis,
-    prefix: str,
-) -> None:
-    """An entry deleted by hand under a dead consumer is logged as task.lost."""
-    creator = await make_manager(consume=False)
-    await creator.create_queue(QueueConfig(name="q", lease_seconds=0.5))
-    worker = start_worker("q")
-    dead = await worker.ready()
-    await creator.submit_task("t", "q", "recovery.sleep", 3600)
-    await eventually(
-        lambda: started_by(client, prefix, "t", dead), what="the worker to start t"
-    )
-    keys = QueueKeys(prefix, "q")
-    entry = await client.hget(keys.task("t"), "entry")
-    assert entry is not None
-    await worker.kill()
-    assert await client.xdel(keys.ready("medium"), entry) == 1
-
-    survivor = await survivor_with(make_manager, "recovery.sleep", "never runs")
-    await eventually(
-        lambda: _lost_events(client, keys), timeout=TAKEOVER, what="task.lost"
-    )
-
-    (lost,) = await _lost_events(client, keys)
-    assert isinstance(lost, TaskLost)
-    assert (lost.entry, lost.stream) == (entry, keys.ready("medium"))
-    assert lost.actor == survivor.identity
-    assert lost.task_id is None  # the entry, which named the task, is gone
-    (_, fields), *_ = await client.xrange(keys.log, lost.id, lost.id)
-    assert json.loads(fields["data"])["previous"] == dead
-    # The whole log: the task started on the dead worker, then its entry was
-    # found missing. Nothing claims it ran again or ended.
-    log = [e async for e in read(client, keys.log)]
-    assert [
-        (e.type, e.task_id, e.actor) for e in log if e.type != "queue.configured"
-    ] == [
-        ("task.submitted", "t", creator.identity),
-        ("task.started", "t", dead),
-        ("task.lost", None, survivor.identity),
-    ]
-    assert (await survivor.get_task_status("t")).status is TaskStatus.PROCESSING
-    assert await client.xpending_range(keys.ready("medium"), GROUP, "-", "+", 10) == []
-    assert await survivor.verify_projections("q") == []
-
-
-async def _lost_events(client: aioredis.Redis, keys: QueueKeys) -> list[Event]:
-    return [e async for e in read(client, keys.log) if e.type == "task.lost"]
 
 
 async def test_an_entry_without_a_task_id_is_dropped_with_a_warning(
@@ -616,35 +619,6 @@ async def test_arguments_that_are_not_json_fail_the_task(
 
 async def _is(manager: TaskQueueManager, task_id: str, status: TaskStatus) -> bool:
     return (await manager.get_task_status(task_id)).status is status
-
-
-async def test_a_task_function_unknown_to_the_consumer_fails_the_task(
-    make_manager: MakeManager,
-) -> None:
-    """A task function the consumer lacks fails the task, naming it and the fix."""
-
-    async def elsewhere(value: int) -> int:
-        return value
-
-    async def here() -> str:
-        return "still working"
-
-    knows = Registry()
-    knows.register(elsewhere, "recovery.elsewhere")
-    submitter = await make_manager(consume=False, registry=knows)
-    consumer = await make_manager(registry=Registry())
-    await consumer.create_queue(QueueConfig(name="q"))
-
-    await submitter.submit_task("orphan", "q", "recovery.elsewhere", 1)
-    info = await submitter.wait_for_task("orphan", DEADLINE)
-
-    assert info.status is TaskStatus.FAILED
-    assert info.error is not None
-    assert "'recovery.elsewhere'" in info.error
-    assert "import the module that defines it" in info.error
-    await consumer.submit_task("next", "q", here)
-    assert (await consumer.wait_for_task("next", DEADLINE)).result == "still working"
-    assert await consumer.verify_projections("q") == []
 
 
 async def test_sigterm_lets_a_running_task_finish_within_the_grace(

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+from kew.cli.base import AddParser, positive_int
 from kew.connection import resolve_url
 from kew.errors import KewError
 from kew.manager import TaskQueueManager
 from kew.worker import run_worker
-
-if TYPE_CHECKING:
-    pass
-
-from kew.cli.base import AddParser, positive_int
 
 __all__ = ["add_dead_letters", "add_worker"]
 

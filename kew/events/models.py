@@ -47,6 +47,7 @@ __all__ = [
     "TaskInterrupted",
     "TaskLost",
     "TaskReclaimed",
+    "TaskRefused",
     "TaskReleased",
     "TaskRequeued",
     "TaskRetryScheduled",
@@ -211,6 +212,26 @@ class TaskDeadLettered(TaskEvent):
     entry: str
     dead_letter: str
     """The entry id in the dead-letter stream."""
+    previous: str = ""
+    """The consumer that held the entry last (the one that died or froze);
+    empty in logs written before kew recorded it."""
+    cause: str = "crash_loop"
+    """"crash_loop" (its consumers died or froze; the breaker counts it as a
+    failure) or "unknown_function" (handed back by consumers without its task
+    function, see task.refused; the breaker does not count it)."""
+
+
+class TaskRefused(TaskEvent):
+    """A consumer that does not have the task's function handed the attempt
+    back: the task waits until `due_at` (state retry) and is queued again, for
+    a consumer that has it. Neither a retry nor a failure."""
+
+    type: Literal["task.refused"] = "task.refused"
+    entry: str
+    function: str
+    refusals: int
+    """How many times the task has been refused so far."""
+    due_at: int
 
 
 class TaskRequeued(TaskEvent):
@@ -221,13 +242,21 @@ class TaskRequeued(TaskEvent):
     dead_letter: str
 
 
-class TaskLost(Event):
+class TaskLost(TaskEvent):
     """A ready entry that vanished from its stream while pending (trimmed or
-    deleted by hand). Its task id went with it; the entry id is all that is left."""
+    deleted by hand). The task it named is found through the consumer that
+    held it or the queue's pending index; if that task was running on the
+    entry, it went back to the queue under a new entry (`requeued_as`), and
+    its next attempt starts as after an interrupted one. `task_id` is ""
+    when no task could be named (logs written before kew kept the index)."""
 
     type: Literal["task.lost"] = "task.lost"
     entry: str
     stream: str
+    previous: str = ""
+    """The consumer that held the entry."""
+    requeued_as: str = ""
+    """The task's new ready entry, when the task was queued again."""
 
 
 class BreakerOpened(Event):
@@ -268,6 +297,7 @@ KnownEvent = Annotated[
     | TaskInterrupted
     | TaskReleased
     | TaskDeadLettered
+    | TaskRefused
     | TaskRequeued
     | TaskLost
     | QueueConfigured,

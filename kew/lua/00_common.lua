@@ -27,7 +27,7 @@ Invariants every function keeps:
 
 Every function takes the queue's keys first, in this order (see `queue`):
 log, stats, config, breaker, sched, ready:high, ready:medium, ready:low, dlq,
-ended.
+ended, pending.
 
 The Python mirror of what these functions write is kew/projections/.
 ]]
@@ -43,13 +43,13 @@ real idle time comes near it, and the delivery time it implies stays after
 local IDLE_MARK = 1000000000000
 local LEVELS = {'high', 'medium', 'low'}
 local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
-local QUEUE_KEYS = 10
+local QUEUE_KEYS = 11
 
 local function queue(keys)
   return {
     log = keys[1], stats = keys[2], config = keys[3], breaker = keys[4],
     sched = keys[5], ready = {keys[6], keys[7], keys[8]}, dlq = keys[9],
-    ended = keys[10],
+    ended = keys[10], pending = keys[11],
   }
 end
 
@@ -133,10 +133,13 @@ local function move(stats, from, to)
 end
 
 -- XCLAIM `ids` to `consumer` with min-idle 0 (it owns them already), then
--- the options, e.g. IDLE and JUSTID.
+-- the options, e.g. IDLE and JUSTID. Returns the set of the ids claimed: an
+-- id missing from it was deleted from the stream, and XCLAIM (Redis 7.0+,
+-- Valkey) has dropped it from the pending list without a word.
 local function claim(ready, consumer, ids, options)
+  local claimed = {}
   if #ids == 0 then
-    return
+    return claimed
   end
   local cmd = {'XCLAIM', ready, GROUP, consumer, '0'}
   for _, id in ipairs(ids) do
@@ -145,12 +148,32 @@ local function claim(ready, consumer, ids, options)
   for _, option in ipairs(options) do
     cmd[#cmd + 1] = option
   end
-  redis.call(unpack(cmd))
+  for _, id in ipairs(redis.call(unpack(cmd))) do
+    claimed[id] = true
+  end
+  return claimed
 end
 
-local function drop_entry(ready, entry_id)
+--[[
+The pending index (`Q.pending`, a hash) names the task of every ready entry
+a consumer holds: '<level>:<entry id>' -> task id, set when an attempt starts
+on the entry and removed when the entry is dropped. An entry deleted from its
+stream (by hand, or a trim) while pending takes its task id with it; the
+index still names the task, so that it can be logged and run again.
+]]
+local function pending_field(Q, ready, entry_id)
+  for level = 1, 3 do
+    if Q.ready[level] == ready then
+      return LEVELS[level] .. ':' .. entry_id
+    end
+  end
+  return ready .. ':' .. entry_id
+end
+
+local function drop_entry(Q, ready, entry_id)
   redis.call('XACK', ready, GROUP, entry_id)
   redis.call('XDEL', ready, entry_id)
+  redis.call('HDEL', Q.pending, pending_field(Q, ready, entry_id))
 end
 
 -- A new ready entry for a task, at the end of its stream.

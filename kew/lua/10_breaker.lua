@@ -14,8 +14,9 @@ breaker, retry or not: the trial's job is to probe, and it found the fault.
 A trial is marked on its task (`trial`), and `trials` counts the trial
 attempts running now. It goes down by one at every end of a trial attempt,
 whatever the verdict and whatever the breaker's state by then (succeeded,
-failed, interrupted, cancelled, dead-lettered), and it is never reset: a trial
-of an earlier half-open period that still runs keeps its slot, so at most
+failed, interrupted, cancelled, dead-lettered, or queued again because its
+entry was lost), and it is never reset: a trial of an earlier half-open
+period that still runs keeps its slot, so at most
 `circuit_breaker_trials` trials run at any moment. A trial whose consumer died
 is reclaimed and continues as the same trial (see start_entry), or ends as a
 dead letter, so a lost consumer never leaves the breaker stuck half-open.

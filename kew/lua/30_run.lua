@@ -28,7 +28,7 @@ end
 -- Hand an entry back as a fresh entry at the end of its stream.
 local function hand_back(Q, ready, task, task_id, entry_id, t, actor, reason,
                          etype)
-  drop_entry(ready, entry_id)
+  drop_entry(Q, ready, entry_id)
   local new_entry = enqueue(ready, task_id, t.tp)
   local eid = append(Q.log, etype, task_id, t.last_event, t.attempt, actor, t.tp,
     '{"entry":' .. json_string(entry_id) .. ',"requeued_as":' ..
@@ -81,12 +81,12 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   local consumer, now = env.consumer, env.now
   local t = task_fields(task)
   if not t.state then
-    drop_entry(ready, entry_id)
+    drop_entry(Q, ready, entry_id)
     return {'skipped', task_id, entry_id, 'no task record'}
   end
   local reclaiming = reclaim ~= nil and t.state == 'processing'
   if reclaiming and t.cancel_requested then
-    drop_entry(ready, entry_id)
+    drop_entry(Q, ready, entry_id)
     cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, env.expiry,
       env.channel)
     return {'skipped', task_id, entry_id, 'task was cancelled'}
@@ -96,7 +96,7 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
     return {'skipped', task_id, entry_id, 'its attempt is running'}
   end
   if t.state ~= 'queued' and not reclaiming then
-    drop_entry(ready, entry_id)
+    drop_entry(Q, ready, entry_id)
     return {'skipped', task_id, entry_id, 'task is ' .. t.state}
   end
 
@@ -145,6 +145,7 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   redis.call('HSET', task, 'state', 'processing', 'version', version,
     'last_event', eid, 'attempt', attempt, 'owner', consumer,
     'entry', entry_id, 'started_at', ms_of(eid))
+  redis.call('HSET', Q.pending, pending_field(Q, ready, entry_id), task_id)
   if new_trial then
     redis.call('HSET', task, 'trial', '1')
   end
@@ -220,7 +221,7 @@ local function fetch(keys, args)
             rows[#rows + 1] = start_entry(Q, cfg, env, ready,
               task_prefix .. task_id, task_id, entry[1], nil, gate)
           else
-            drop_entry(ready, entry[1])
+            drop_entry(Q, ready, entry[1])
             rows[#rows + 1] = {'skipped', '', entry[1], 'entry has no task_id'}
           end
         end
@@ -289,7 +290,7 @@ local function finish(keys, args)
       local retries = tonumber(t[11]) or 0
       local retry = outcome == 'failed' and retries < tonumber(t[9] or '0')
       local state, eid, due
-      drop_entry(ready, entry_id)
+      drop_entry(Q, ready, entry_id)
       if outcome == 'succeeded' then
         state = 'completed'
         eid = append(Q.log, 'task.succeeded', task_id, t[3], attempt, consumer, tp,

@@ -70,7 +70,7 @@ local function requeue(keys, args)
         json_string(entry[1]) .. '}')
       redis.call('HSET', task, 'state', 'queued', 'version', t.version + 1,
         'last_event', eid)
-      redis.call('HDEL', task, 'dead_letter', 'finished_at')
+      redis.call('HDEL', task, 'dead_letter', 'finished_at', 'refusals')
       redis.call('PERSIST', task)
       redis.call('HDEL', Q.ended, task_id)
       move(Q.stats, 'failed', 'queued')

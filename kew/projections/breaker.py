@@ -22,6 +22,8 @@ from kew.events.models import (
     TaskDeadLettered,
     TaskFailed,
     TaskInterrupted,
+    TaskLost,
+    TaskRefused,
     TaskStarted,
     TaskSucceeded,
 )
@@ -54,6 +56,8 @@ BREAKER_EVENTS: frozenset[type[Event]] = frozenset(
         TaskStarted,
         TaskCancelled,
         TaskInterrupted,
+        TaskLost,
+        TaskRefused,
     }
 )
 """The event types that can change the breaker; a fold skips the others."""
@@ -92,12 +96,12 @@ def _step(b: BreakerState, event: Event, task: TaskState | None) -> BreakerState
     if isinstance(event, TaskStarted):
         return replace(b, trials=b.trials + 1) if event.trial and not trial else b
     after = b
-    if trial and isinstance(event, _TRIAL_ENDS) and b.trials > 0:
+    if trial and _ends_trial(event) and b.trials > 0:
         after = replace(after, trials=b.trials - 1)
     if isinstance(event, TaskSucceeded) and b.failures:
         after = replace(after, failures=0)
-    elif (isinstance(event, TaskFailed) and not event.retry) or isinstance(
-        event, TaskDeadLettered
+    elif (isinstance(event, TaskFailed) and not event.retry) or (
+        isinstance(event, TaskDeadLettered) and event.cause == "crash_loop"
     ):
         after = replace(after, failures=b.failures + 1)
     return after
@@ -109,6 +113,15 @@ _TRIAL_ENDS = (
     TaskCancelled,
     TaskInterrupted,
     TaskDeadLettered,
+    TaskRefused,
 )
 """The ends of an attempt: each frees the slot of a trial, whatever the
 breaker's state (the breaker's own events never reset `trials`)."""
+
+
+def _ends_trial(event: Event) -> bool:
+    """Does the event end an attempt? A task.lost does when it queued the
+    task again; when it did not, the task.cancelled after it is the end."""
+    if isinstance(event, TaskLost):
+        return bool(event.requeued_as)
+    return isinstance(event, _TRIAL_ENDS)

@@ -26,6 +26,8 @@ from kew.events.models import (
     TaskEvent,
     TaskFailed,
     TaskInterrupted,
+    TaskLost,
+    TaskRefused,
     TaskReleased,
     TaskRequeued,
     TaskRetryScheduled,
@@ -76,6 +78,9 @@ class TaskState:
     cancel_requested: str | None = None
     dead_letter: str | None = None
     """The task's entry in the dead-letter stream, while it is there."""
+    refusals: int | None = None
+    """How many times consumers without its task function handed it back
+    (task.refused); absent until the first, cleared by a requeue."""
 
     @property
     def finished(self) -> bool:
@@ -121,6 +126,7 @@ class TaskState:
             trial=fields.get("trial"),
             cancel_requested=fields.get("cancel_requested"),
             dead_letter=fields.get("dead_letter"),
+            refusals=opt_int("refusals"),
         )
 
 
@@ -220,12 +226,20 @@ def advance(s: TaskState, event: TaskEvent) -> None:
         _ended(s, event)
     elif isinstance(event, TaskRequeued):
         s.state = "queued"
-        s.dead_letter = s.finished_at = None
+        s.dead_letter = s.finished_at = s.refusals = None
+    elif isinstance(event, TaskRefused):
+        s.state = "retry"
+        s.due_at = event.due_at
+        s.refusals = event.refusals
+        s.trial = None
     elif isinstance(event, TaskInterrupted):
         s.state = "queued"
         s.trial = None
     elif isinstance(event, TaskReleased):
         s.state = "queued"
+    elif isinstance(event, TaskLost) and event.requeued_as:
+        s.state = "queued"
+        s.trial = None
     # task.reclaimed changes only the version, like every event.
 
 
