@@ -486,7 +486,9 @@ class Consumer:
                     self._note_due(row[3], self._server_now(row[1]))
                 else:
                     self.on_finished(self.keys.queue, attempt.task_id)
-                if not self.hooks.empty:
+                # A failure `finish` recorded as a cancellation (the task was
+                # asked to cancel) calls no hook, like any cancelled task.
+                if not self.hooks.empty and row[2] != "cancelled":
                     await self.hooks.after(attempt, outcome)
             else:
                 logger.warning(

@@ -12,10 +12,17 @@ While a task function runs, `current_task()` tells it which task and attempt
 it is running (a context variable, copied into the function's own task), so
 that it can key its side effects on the task id.
 
-A timeout is told apart from a cancellation by the deadline itself
-(`expired()`), not by the exception that comes out: a function that catches
-the cancellation of its timeout and returns, or raises something else, has
-still timed out, and the attempt fails with "Task timed out after Ns".
+Who cancelled the function is told by the cancellers, not by the exception
+that comes out, since a function may catch its cancellation and return, or
+raise something else instead:
+
+* the deadline (`expired()`): the attempt fails with "Task timed out after
+  Ns", even if the function returned;
+* this consumer stopping (shutdown, or a lost lease: the attempt's own task is
+  being cancelled, `cancelling()`): the attempt is interrupted, and
+  CancelledError goes on up, so that its entry is handed back;
+* `cancel_task` (the function's task was cancelled, and neither of the above
+  holds): the attempt is cancelled, unless the function returned a result.
 
 Known limitations: the deadline cancels the function once. A function that
 catches that cancellation and keeps running is not cancelled again; its
@@ -128,7 +135,7 @@ async def run_attempt(
     # TaskContext, and this task's context is left as it was.
     token = _current.set(TaskContext(attempt.task_id, attempt.attempt, queue))
     try:
-        run = asyncio.ensure_future(function.run(args, kwargs))
+        run = asyncio.create_task(function.run(args, kwargs))
     finally:
         _current.reset(token)
     key = (attempt.task_id, attempt.attempt)
@@ -138,14 +145,16 @@ async def run_attempt(
         async with deadline:
             result = await run
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # this consumer is stopping
-        logger.info("task %r cancelled on request", attempt.task_id)
-        return Outcome(attempt, "cancelled", "", '{"reason":"cancel_task"}')
+        if _stopping():
+            raise
+        return _cancelled(attempt)
     except Exception as exc:
         if deadline.expired():
             return _timed_out(attempt, exc)
+        if _stopping():
+            raise asyncio.CancelledError from exc
+        if run.cancelling():
+            return _cancelled(attempt, exc)
         return _failure(attempt, _describe(exc), _type_name(exc), exc)
     finally:
         if functions.get(key) is run:
@@ -180,6 +189,23 @@ async def run_attempt(
         time.perf_counter() - started,
     )
     return Outcome(attempt, "succeeded", value, '{"result":' + value + "}")
+
+
+def _stopping() -> bool:
+    """Is this attempt's own task being cancelled (its consumer is stopping,
+    or lost the attempt's lease)?"""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
+def _cancelled(attempt: Attempt, exc: BaseException | None = None) -> Outcome:
+    """The attempt was cancelled by cancel_task; `exc` is the error the
+    function raised instead of CancelledError, if it did."""
+    logger.info("task %r cancelled on request", attempt.task_id)
+    data: dict[str, str] = {"reason": "cancel_task"}
+    if exc is not None:
+        data |= {"error": _describe(exc), "error_type": _type_name(exc)}
+    return Outcome(attempt, "cancelled", "", pydantic_core.to_json(data).decode())
 
 
 def _timed_out(attempt: Attempt, exc: BaseException | None = None) -> Outcome:

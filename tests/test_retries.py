@@ -378,3 +378,52 @@ async def test_an_attempt_handed_back_at_shutdown_uses_up_no_retry(
     assert types.count("task.interrupted") == 1
     assert types.count("task.retry_scheduled") == info.retry_count
     assert await second.verify_projections("q") == []
+
+
+async def test_a_cancellation_turned_into_an_error_at_shutdown_is_handed_back(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """A function that raises its own error when the shutdown cancels it is
+    interrupted and handed back, not failed: no retry is spent, the breaker
+    does not count it, and the next consumer runs it."""
+    started = asyncio.Event()
+
+    async def converts() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("interrupted") from None
+        return "never"
+
+    async def quick() -> str:
+        return "done elsewhere"
+
+    first_registry = Registry()
+    first_registry.register(converts, "tests.converts")
+    first = await make_manager(registry=first_registry)
+    config = QueueConfig(name="q", circuit_breaker_max_failures=1)
+    await first.create_queue(config)
+    await first.submit_task("c", "q", "tests.converts")
+    await started.wait()
+    await first.shutdown(wait=False)
+
+    second_registry = Registry()
+    second_registry.register(quick, "tests.converts")
+    second = await make_manager(registry=second_registry)
+    await second.create_queue(config)
+    info = await second.wait_for_task("c", timeout=10)
+    assert info.status is TaskStatus.COMPLETED
+    assert (info.attempt, info.retry_count) == (2, 0)
+    types = [e.type for e in await _task_events(client, prefix, "c")]
+    assert types == [
+        "task.submitted",
+        "task.started",
+        "task.interrupted",
+        "task.started",
+        "task.succeeded",
+    ]
+    status = await second.get_queue_status("q")
+    assert status["circuit_breaker_status"] == "closed"
+    assert status["circuit_breaker_failures"] == 0
+    assert await second.verify_projections("q") == []

@@ -172,6 +172,10 @@ class TaskCancelRequested(TaskEvent):
 class TaskCancelled(TaskEvent):
     type: Literal["task.cancelled"] = "task.cancelled"
     reason: str = ""
+    error: str | None = None
+    """The error the attempt ended with after it was asked to cancel (the
+    function turned the cancellation into an error, or failed meanwhile)."""
+    error_type: str | None = None
 
 
 class TaskReclaimed(TaskEvent):

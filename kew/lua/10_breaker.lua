@@ -6,10 +6,16 @@ The circuit breaker: one per queue, shared by every process, changed only here.
     half_open  at most `circuit_breaker_trials` trial attempts run; a trial
                success closes the breaker, a trial failure opens it again
 
-What counts: a task's *final* failure (no retry left) adds one to `failures`;
-a success resets it to 0. A failed attempt that will be retried does not count
-while the breaker is closed. In half_open, any failed trial attempt reopens the
-breaker, retry or not: the trial's job is to probe, and it found the fault.
+What counts: a task's *final* failure (no retry left: an error, a timeout, or
+a dead letter) adds one to `failures`; a success resets it to 0. A failed
+attempt that will be retried does not count while the breaker is closed. An
+attempt that ends without a verdict counts for nothing: cancelled (also a
+failure after a cancel request, which `finish` records as cancelled),
+interrupted at a shutdown, or handed back. In half_open, any failed trial
+attempt reopens the breaker, retry or not: the trial's job is to probe, and it
+found the fault. Only trials move a half-open breaker: an attempt that started
+before it opened may still end, and its success or failure changes `failures`
+alone.
 
 A trial is marked on its task (`trial`), and `trials` counts the trial
 attempts running now. It goes down by one at every end of a trial attempt,

@@ -50,11 +50,12 @@ local function task_fields(task)
 end
 
 -- Record the end of a task that was asked to stop and has no attempt running
--- any more (its consumer is gone): task.cancelled.
+-- any more (its consumer is gone, or shut down before the attempt stopped):
+-- task.cancelled.
 local function cancelled_unrun(Q, cfg, task, task_id, t, actor, now, expiry,
-                               channel)
+                               channel, reason)
   local eid = append(Q.log, 'task.cancelled', task_id, t.last_event, t.attempt,
-    actor, t.tp, '{"reason":"cancelled while its consumer was gone"}')
+    actor, t.tp, '{"reason":' .. json_string(reason) .. '}')
   redis.call('HSET', task, 'state', 'cancelled', 'version', t.version + 1,
     'last_event', eid, 'finished_at', ms_of(eid))
   redis.call('HDEL', task, 'trial', 'cancel_requested')
@@ -88,7 +89,7 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   if reclaiming and t.cancel_requested then
     drop_entry(Q, ready, entry_id)
     cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, env.expiry,
-      env.channel)
+      env.channel, 'cancelled while its consumer was gone')
     return {'skipped', task_id, entry_id, 'task was cancelled'}
   end
   if t.state == 'processing' and t.entry == entry_id and not reclaiming then
@@ -104,14 +105,13 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   if gate.open or (gate.half_open and not trial and gate.room <= 0) then
     -- Not to run yet: back to the end of its stream, to wait for the breaker.
     if reclaiming then
+      -- Only a task that is no trial gets here: maintain takes nothing over
+      -- while the breaker is open (but what it cancels, which returns above),
+      -- and a trial keeps its slot when taken over half-open.
       hand_back(Q, ready, task, task_id, entry_id, t, consumer,
         'its consumer stopped renewing and the circuit breaker holds it',
         'task.interrupted')
       move(Q.stats, 'processing', 'queued')
-      if trial then
-        redis.call('HDEL', task, 'trial')
-        breaker_outcome(Q, cfg, consumer, now, 'released', false, true)
-      end
     else
       hand_back(Q, ready, task, task_id, entry_id, t, consumer,
         'the circuit breaker holds it', 'task.released')
@@ -240,6 +240,10 @@ ARGV: consumer, expiry seconds, finished channel, then per attempt:
       task id, entry id, level, attempt, version, outcome, value, data, jitter
 outcome is 'succeeded' (value: the result's JSON), 'failed' (value: the
 error) or 'cancelled'. jitter, in [0, 1), spreads retries.
+A failed attempt of a task that was asked to cancel ends it `cancelled`
+(task.cancelled, with the error), whatever retries are left: the function may
+have turned the cancellation into an error of its own, or failed before its
+consumer heard of the request. A success still completes the task.
 An attempt is recorded only if this consumer still owns it: the task is
 processing under this consumer, with the same attempt and entry, and the
 pending entry's owner is this consumer (XACK alone checks none of that). The
@@ -266,7 +270,7 @@ local function finish(keys, args)
 
     local t = redis.call('HMGET', task, 'state', 'version', 'last_event',
       'attempt', 'owner', 'entry', 'tp', 'trial', 'max_retries',
-      'retry_delay_ms', 'retries')
+      'retry_delay_ms', 'retries', 'cancel_requested')
     local why = nil
     if t[1] ~= 'processing' or t[4] ~= attempt or t[5] ~= consumer
         or t[6] ~= entry_id then
@@ -284,6 +288,10 @@ local function finish(keys, args)
       rows[#rows + 1] = {'fenced', why}
     else
       local trial, tp = t[8] == '1', t[7]
+      if outcome == 'failed' and t[12] == '1' then
+        outcome = 'cancelled'
+        data = '{"reason":"cancel_task",' .. string.sub(data, 2)
+      end
       -- Retries are counted apart from attempts: an attempt handed back or
       -- taken over (task.interrupted, task.reclaimed) ends without a failure
       -- and uses up no retry.

@@ -106,7 +106,7 @@ local function lost_entry(Q, cfg, env, ready, entry_id, previous, task_id)
     end
   elseif running then
     cancelled_unrun(Q, cfg, task, task_id, t, env.consumer, env.now, env.expiry,
-      env.channel)
+      env.channel, 'its entry was lost while it was asked to cancel')
   end
 end
 
@@ -157,10 +157,44 @@ local function renew(Q, cfg, env, ready, held, lost)
 end
 
 --[[
+Take over and cancel the lapsed entries of tasks asked to cancel, when
+maintain takes nothing else over (the breaker is open, or the caller has no
+free slot): cancelling runs nothing, so it need not wait for either. It scans
+at most LAPSED_SCAN lapsed entries per ready stream (more would take dead
+consumers holding that many while the breaker is open); a task asked to cancel
+past them is cancelled when its entry is taken over.
+]]
+local LAPSED_SCAN = 1000
+
+local function cancel_lapsed(Q, cfg, env, task_prefix, lease, rows)
+  for level = 1, 3 do
+    local ready = Q.ready[level]
+    for _, p in ipairs(redis.call('XPENDING', ready, GROUP, 'IDLE', lease, '-', '+',
+        LAPSED_SCAN)) do
+      local entry = redis.call('XRANGE', ready, p[1], p[1])[1]
+      local task_id = entry and fields_map(entry[2])['task_id']
+      local task = task_prefix .. (task_id or '')
+      if task_id and redis.call('HGET', task, 'cancel_requested') == '1' then
+        redis.call('XCLAIM', ready, GROUP, env.consumer, lease, p[1], 'JUSTID')
+        local idle = p[3]
+        if idle >= IDLE_MARK then
+          idle = idle - IDLE_MARK
+        end
+        -- start_entry cancels it (the open gate makes sure nothing starts).
+        rows[#rows + 1] = start_entry(Q, cfg, env, ready, task, task_id, p[1],
+          {p[2], idle}, {open = true})
+      end
+    end
+  end
+end
+
+--[[
 maintain: a consumer's periodic call. Refreshes its liveness key, promotes due
 tasks, renews the lease on every entry it holds, reports which of them were
 asked to cancel, and takes over entries whose lease lapsed (unless the breaker
-is open), dead-lettering those delivered too often.
+is open), dead-lettering those delivered too often. A lapsed entry whose task
+was asked to cancel is taken over and cancelled even while the breaker is open
+(cancel_lapsed).
 
 The lease that decides a takeover is the queue's stored one (lease_seconds in
 its config hash), not the caller's: processes created with different configs
@@ -228,8 +262,11 @@ local function maintain(keys, args)
     renew(Q, cfg, env, ready, held, lost)
   end
 
+  local gate = breaker_gate(Q, cfg, consumer, env.now)
+  if room == 0 or gate.open then
+    cancel_lapsed(Q, cfg, env, task_prefix, lease, rows)
+  end
   if room > 0 then
-    local gate = breaker_gate(Q, cfg, consumer, env.now)
     if not gate.open then
       for level = 1, 3 do
         local ready = Q.ready[level]
@@ -300,7 +337,8 @@ local function release(keys, args)
       local running = t and t.state == 'processing' and t.owner == consumer
       if running and t.cancel_requested then
         drop_entry(Q, ready, entry_id)
-        cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, args[4], args[5])
+        cancelled_unrun(Q, cfg, task, task_id, t, consumer, now, args[4], args[5],
+          'its consumer shut down before the attempt stopped')
       elseif t and (t.state == 'queued' or running) then
         if running then
           hand_back(Q, ready, task, task_id, entry_id, t, consumer, reason,
@@ -362,7 +400,7 @@ local function refuse(keys, args)
   if t.cancel_requested then
     drop_entry(Q, ready, entry_id)
     cancelled_unrun(Q, cfg, task, task_id, t, consumer, env.now, env.expiry,
-      env.channel)
+      env.channel, 'cancelled before it ran')
     return {'ok', 'cancelled', ''}
   end
   if refusals >= cfg.max_deliveries then
