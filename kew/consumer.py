@@ -110,7 +110,8 @@ MIN_CALL_TIMEOUT = 1.0
 """Seconds `stop` waits for the server to take back this consumer's entries."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
-breaker is taken (the only state in which a consumer polls)."""
+breaker is taken (the only state in which a consumer polls: a new entry could
+not start, so waiting for one would not do)."""
 _QUIET_SKIPS = ("task is cancelled", "the circuit breaker holds it")
 
 
@@ -338,7 +339,9 @@ class Consumer:
             self.keys.finished_channel,
         ]
         if self._weights is not None:
-            args += self._quotas(n)
+            # Picks for every free slot; only those the fetch may use (fewer
+            # while the breaker limits it) are charged, after the reply.
+            args.append("".join(map(str, self._picks(list(self._credit), n))))
         async with self._exclusive:
             try:
                 with internal():
@@ -352,16 +355,19 @@ class Consumer:
             except BaseException:
                 self.slots.release(n)
                 raise
-            rows, next_due, gate, now, newest = cast(
-                tuple[list[list[str]], str, str, int, list[str]], reply
+            rows, next_due, gate, now, newest, allowed = cast(
+                tuple[list[list[str]], str, str, int, list[str], int], reply
             )
             self.slots.release(n - self._dispatch(rows, int(now)))
+        if self._weights is not None:
+            self._picks(self._credit, int(allowed))
         if rows or self._stopping:
             return
         if gate.startswith("open:"):
             await self._pause((int(gate[5:]) - int(now)) / 1000)
             return
-        if gate == "half_open":
+        if gate == "half_open:0":
+            # Every trial slot is taken: a new entry could not start either.
             await self._pause(HALF_OPEN_PAUSE)
             return
         block = BLOCK_MS
@@ -369,19 +375,21 @@ class Consumer:
             block = max(1, min(block, int(float(next_due)) - int(now)))
         await self._wait_for_entries(block, newest)
 
-    def _quotas(self, n: int) -> list[int]:
-        """Split n entries among the levels by smooth weighted round robin; the
-        credit carries over, so shares hold even when n is 1 at a time."""
+    def _picks(self, credit: list[int], n: int) -> list[int]:
+        """The levels (1-3) of the next n entries by smooth weighted round
+        robin, advancing `credit`. The consumer's credit carries over from
+        fetch to fetch, so shares hold even when n is 1 at a time; a fetch
+        plans on a copy and charges the picks it used."""
         weights = cast(tuple[int, int, int], self._weights)
         total = sum(weights)
-        quotas = [0, 0, 0]
+        picks: list[int] = []
         for _ in range(n):
             for i, weight in enumerate(weights):
-                self._credit[i] += weight
-            best = max(range(3), key=lambda i: self._credit[i])
-            self._credit[best] -= total
-            quotas[best] += 1
-        return quotas
+                credit[i] += weight
+            best = max(range(3), key=lambda i: credit[i])
+            credit[best] -= total
+            picks.append(best + 1)
+        return picks
 
     async def _wait_for_entries(self, block_ms: int, after: list[str]) -> None:
         """Block until an entry newer than `after` (one id per ready stream)

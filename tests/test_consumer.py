@@ -226,3 +226,69 @@ async def _counts_settled(client: aioredis.Redis) -> bool:
 
 async def _fcalls_since(client: aioredis.Redis, before: dict[str, int], n: int) -> bool:
     return (await _command_counts(client)).get("fcall", 0) - before.get("fcall", 0) >= n
+
+
+async def test_an_idle_queue_with_a_half_open_breaker_does_not_poll() -> None:
+    """A failed trial reopens the breaker; when it half-opens again, with its
+    trial slot free and nothing to run, the consumer blocks on its read as on
+    any idle queue: no fetch between renewals. A task submitted then wakes it,
+    runs as the trial, and closes the breaker."""
+
+    async def bad() -> None:
+        raise RuntimeError("down")
+
+    async def good() -> str:
+        return "up"
+
+    with EmbeddedServer() as server:
+        assert server.url is not None
+        probe = aioredis.Redis.from_url(server.url, decode_responses=True)
+        async with TaskQueueManager(redis_url=server.url, key_prefix="half") as m:
+            await m.create_queue(
+                QueueConfig(
+                    name="q",
+                    lease_seconds=0.3,
+                    circuit_breaker_max_failures=1,
+                    circuit_breaker_reset_timeout=0.1,
+                )
+            )
+            # The failed trial keeps the consumer fetching through the
+            # reopening, so it is the consumer that sees the breaker half-open.
+            await m.submit_task("bad", "q", bad)
+            await m.wait_for_task("bad", 10)
+            await m.submit_task("trial", "q", bad)
+            await m.wait_for_task("trial", 10)
+            await eventually(
+                lambda: _breaker_is(m, "half_open"), what="the breaker to half-open"
+            )
+            before = await _command_counts(probe)
+            await eventually(
+                lambda: _calls_since(probe, before, "set", 2), what="two renewals"
+            )
+            before = await _command_counts(probe)
+            await eventually(
+                lambda: _calls_since(probe, before, "set", 10), what="ten renewals"
+            )
+            after = await _command_counts(probe)
+            assert await _breaker_is(m, "half_open")
+
+            await m.submit_task("good", "q", good)
+            assert (await m.wait_for_task("good", 10)).result == "up"
+            assert await _breaker_is(m, "closed")
+            assert await m.verify_projections("q") == []
+        await probe.aclose()
+    # Each fetch reads the three levels (XREADGROUP each); ten renewals take
+    # about a second, in which a polling consumer would fetch about 4 times.
+    fetched = after.get("xreadgroup", 0) - before.get("xreadgroup", 0)
+    assert fetched <= 3, fetched
+
+
+async def _breaker_is(manager: TaskQueueManager, state: str) -> bool:
+    status = await manager.get_queue_status("q")
+    return status["circuit_breaker_status"] == state
+
+
+async def _calls_since(
+    client: aioredis.Redis, before: dict[str, int], command: str, n: int
+) -> bool:
+    return (await _command_counts(client)).get(command, 0) - before.get(command, 0) >= n

@@ -19,6 +19,9 @@ from kew import (
     TaskQueueManager,
     TaskStatus,
 )
+from kew.events import TaskStarted
+from kew.events.log import read
+from kew.keys import QueueKeys
 
 from .conftest import DEADLINE, eventually
 
@@ -349,3 +352,44 @@ def test_bad_max_concurrency_is_rejected(redis_url: str, value: object) -> None:
         ConfigurationError, match=re.escape(f"max_concurrency={value!r}")
     ):
         TaskQueueManager(redis_url=redis_url, max_concurrency=value)  # type: ignore[arg-type]
+
+
+async def test_a_half_open_trial_follows_the_weighted_order(
+    manager: TaskQueueManager, client: aioredis.Redis
+) -> None:
+    """With priority_weights=(1, 0, 3) the weighted order picks LOW first from
+    a fresh credit (then HIGH, LOW, LOW). When the half-open breaker lets one
+    trial start, that one pick decides it: the LOW task is the trial, even
+    though a fetch with four free slots would also have taken a HIGH task."""
+
+    async def job(kind: str) -> str:
+        if kind == "fail":
+            raise RuntimeError("down")
+        return kind
+
+    await manager.create_queue(
+        QueueConfig(
+            name="q",
+            max_workers=4,
+            priority_weights=(1, 0, 3),
+            circuit_breaker_max_failures=1,
+            circuit_breaker_reset_timeout=1.0,
+        )
+    )
+    await manager.submit_task("bad", "q", job, "fail")
+    assert (await manager.wait_for_task("bad", DEADLINE)).status is TaskStatus.FAILED
+    assert (await manager.get_queue_status("q"))["circuit_breaker_status"] == "open"
+    await manager.submit_task("h", "q", job, "h", priority=HIGH)
+    await manager.submit_task("l", "q", job, "l", priority=LOW)
+    # The credit carries over between fetches; start the half-open period
+    # from a fresh one, so that the weighted order's next pick is known.
+    queue = manager._queues["q"]  # pyright: ignore[reportPrivateUsage]
+    assert queue.consumer is not None
+    queue.consumer._credit = [0, 0, 0]  # pyright: ignore[reportPrivateUsage]
+
+    await _wait_all(manager, ["h", "l"])
+    events = [e async for e in read(client, QueueKeys(manager.key_prefix, "q").log)]
+    trials = [e.task_id for e in events if isinstance(e, TaskStarted) and e.trial]
+    assert trials == ["l"]
+    assert (await manager.get_queue_status("q"))["circuit_breaker_status"] == "closed"
+    assert await manager.verify_projections("q") == []

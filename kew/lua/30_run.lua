@@ -165,13 +165,24 @@ local function last_ids(Q)
   return ids
 end
 
--- The quotas per level (weighted order) then the rest in strict order.
-local function read_plan(args, from, count)
+--[[
+What to read, as {level, how many} steps: for a weighted order, the quota of
+each level among the first `count` of the caller's picks (`picks`: one digit,
+the level, per free slot, in the caller's smooth weighted round robin order),
+then the rest in strict order. Only the first `count` picks count, so a read
+capped below the caller's free slots (a half-open breaker's trial room) keeps
+the weighted order: the caller is charged for those picks alone.
+]]
+local function read_plan(picks, count)
   local plan = {}
-  local weighted = args[from] ~= nil and args[from] ~= ''
-  if weighted then
+  if picks and picks ~= '' then
+    local quotas = {0, 0, 0}
+    for i = 1, math.min(#picks, count) do
+      local level = tonumber(string.sub(picks, i, i))
+      quotas[level] = quotas[level] + 1
+    end
     for level = 1, 3 do
-      plan[#plan + 1] = {level, tonumber(args[from + level - 1])}
+      plan[#plan + 1] = {level, quotas[level]}
     end
   end
   for level = 1, 3 do
@@ -185,9 +196,11 @@ fetch: promote due tasks, then read new entries and start them, as many as
 the caller has free permits and the breaker allows.
 KEYS: the queue's keys
 ARGV: consumer, count, task key prefix, expiry seconds, finished channel,
-      then optionally three quotas (high, medium, low) for a weighted order
-Returns {rows, next due time or '', gate, server time, newest entry ids}
-where gate is '' (closed), 'open:<until ms>' or 'half_open'.
+      then optionally the picks of a weighted order (see read_plan)
+Returns {rows, next due time or '', gate, server time, newest entry ids,
+allowed} where gate is '' (closed), 'open:<until ms>' or 'half_open:<n>' (n
+trial slots left free after this call), and allowed is how many entries the
+call could take (the count, capped by the breaker): the picks it used.
 ]]
 local function fetch(keys, args)
   local Q = queue(keys)
@@ -198,16 +211,15 @@ local function fetch(keys, args)
   local next_due = promote(Q, task_prefix, env.consumer, env.now, 100)
   local gate = breaker_gate(Q, cfg, env.consumer, env.now)
   if gate.open then
-    return {{}, next_due, 'open:' .. gate.until_ms, env.now, last_ids(Q)}
+    return {{}, next_due, 'open:' .. gate.until_ms, env.now, last_ids(Q), 0}
   end
-  local label = ''
   if gate.half_open then
-    label = 'half_open'
     remaining = math.min(remaining, gate.room)
   end
+  local allowed = remaining
 
   local rows = {}
-  for _, step in ipairs(read_plan(args, 6, remaining)) do
+  for _, step in ipairs(read_plan(args[6], remaining)) do
     local want = math.min(step[2], remaining)
     if want > 0 then
       local ready = Q.ready[step[1]]
@@ -228,7 +240,11 @@ local function fetch(keys, args)
       end
     end
   end
-  return {rows, next_due, label, env.now, last_ids(Q)}
+  local label = ''
+  if gate.half_open then
+    label = 'half_open:' .. gate.room
+  end
+  return {rows, next_due, label, env.now, last_ids(Q), allowed}
 end
 
 local FINISH_ARGS = 9
