@@ -467,14 +467,14 @@ class TaskQueueManager(Reads):
                 ),
             )
             check_submit_reply(reply, keys.queue)
-            send.submitted(reply[2::2])
+            send.submitted(reply[2::3])
         deferred = any(s.options.defer_until_ms or s.options.defer_by_ms for s in batch)
         if deferred and queue.consumer is not None:
             queue.consumer.wake()  # so it learns the new due time at once
         infos: list[TaskInfo] = []
         for i, submission in enumerate(batch):
             self._remember(submission.task_id, keys.queue, started)
-            event_id = reply[1 + 2 * i]
+            event_id, due = reply[1 + 3 * i], reply[3 + 3 * i]
             infos.append(
                 TaskInfo(
                     task_id=submission.task_id,
@@ -484,6 +484,7 @@ class TaskQueueManager(Reads):
                     priority=submission.priority,
                     status=TaskStatus.QUEUED,
                     queued_time=entry_time(event_id),
+                    due_time=entry_time(f"{due}-0") if due else None,
                     version=1,
                 )
             )

@@ -92,6 +92,47 @@ async def test_deferred_task_waits_queued_with_its_due_time(
     assert await manager.verify_projections("q") == []
 
 
+async def test_submit_returns_the_due_time_of_a_deferred_task(
+    manager: TaskQueueManager,
+) -> None:
+    """The TaskInfo that submit_task and submit_tasks return carries the due
+    time the server fixed, as get_task_status reports it; an immediate task
+    has none."""
+    await manager.create_queue(QueueConfig(name="q"))
+    until = datetime.now(UTC) + timedelta(minutes=10)
+    returned = [
+        await manager.submit_task("by", "q", echo, 1, _defer_by=600),
+        await manager.submit_task("until", "q", echo, 2, _defer_until=until),
+        *await manager.submit_tasks(
+            "q",
+            [
+                {
+                    "task_id": "batch-by",
+                    "task_func": echo,
+                    "args": [3],
+                    "_defer_by": 60,
+                },
+                {"task_id": "batch-now", "task_func": echo, "args": [4]},
+            ],
+        ),
+    ]
+    for info in returned:
+        stored = await manager.get_task_status(info.task_id)
+        assert info.due_time == stored.due_time, info.task_id
+    by, by_until, batch_by, batch_now = returned
+    assert by.due_time is not None
+    # Fixed by the server's clock when it wrote the task.submitted event.
+    assert abs(by.due_time - by.queued_time - timedelta(seconds=600)) <= timedelta(
+        milliseconds=5
+    )
+    assert by_until.due_time is not None
+    assert abs(by_until.due_time - until) <= timedelta(milliseconds=1)
+    assert batch_by.due_time is not None
+    assert batch_now.due_time is None
+    await manager.wait_for_task("batch-now", DEADLINE)  # verify needs a quiet queue
+    assert await manager.verify_projections("q") == []
+
+
 @pytest.mark.parametrize(
     "deferral",
     [

@@ -7,7 +7,8 @@ ARGV: actor, then per task (12 values):
       defer_until_ms (0: none), defer_by_ms (0: none)
 `data` is the task.submitted event's data without the due time, which this
 function adds (from the server's clock) for a deferred task.
-Returns {'ok', event id, entry id or '', ...} per task in order, or
+Returns {'ok', event id, entry id or '', due time or '', ...} per task in
+order (a deferred task has a due time, in server ms, and no entry yet), or
 {'noqueue'}, {'exists', ids...}, {'duplicate', ids...} or
 {'full', unfinished, max_size, tasks in the call, ids that do not fit...}.
 ]]
@@ -97,6 +98,7 @@ local function submit(keys, args)
     redis.call('HDEL', Q.ended, task_id)
     reply[#reply + 1] = eid
     reply[#reply + 1] = rid
+    reply[#reply + 1] = deferred and tostring(due) or ''
   end
   return reply
 end
