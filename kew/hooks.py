@@ -8,6 +8,9 @@ attempt's worker slot, so a slow one holds a permit; the others run once the
 outcome is recorded, after the slot is free. `on_task_fail` runs after every failed
 attempt, including those that will be retried (the TaskInfo then shows status
 `retry`), as in the earlier release. A cancelled task calls no hook.
+
+A hook receives a TaskInfo read from the server; when that read fails, the
+hook is skipped and a warning says so (the task is not affected either).
 """
 
 from __future__ import annotations
@@ -54,22 +57,44 @@ class Hooks:
         return not (self.on_task_start or self.on_task_complete or self.on_task_fail)
 
     async def before(self, attempt: Attempt) -> None:
-        if self.on_task_start is not None and self.describe is not None:
-            await _call(self.on_task_start, await self.describe(attempt))
+        if self.on_task_start is None:
+            return
+        info = await self._info(attempt, "on_task_start")
+        if info is not None:
+            await _call(self.on_task_start, info)
 
     async def after(self, attempt: Attempt, outcome: Outcome) -> None:
         """Run after the outcome is recorded, so the TaskInfo shows it."""
-        if self.describe is None:
-            return
         if outcome.succeeded:
-            if self.on_task_complete is not None:
-                await _call(self.on_task_complete, await self.describe(attempt))
-        elif outcome.kind == "failed" and self.on_task_fail is not None:
-            await _call(
-                self.on_task_fail,
-                await self.describe(attempt),
-                TaskFailure(outcome.value, outcome.error_type),
+            name, hook, extra = "on_task_complete", self.on_task_complete, ()
+        elif outcome.kind == "failed":
+            name, hook = "on_task_fail", self.on_task_fail
+            extra = (TaskFailure(outcome.value, outcome.error_type),)
+        else:
+            return
+        if hook is None:
+            return
+        info = await self._info(attempt, name)
+        if info is not None:
+            await _call(hook, info, *extra)
+
+    async def _info(self, attempt: Attempt, hook: str) -> Any:
+        """The attempt's TaskInfo for the hook named `hook`, or None (logged)
+        if it cannot be read."""
+        if self.describe is None:
+            return None
+        try:
+            return await self.describe(attempt)
+        except Exception as exc:
+            logger.warning(
+                "%s hook of task %r attempt %s not run: its status could not be "
+                "read (%s); the task is not affected",
+                hook,
+                attempt.task_id,
+                attempt.attempt,
+                exc,
             )
+            return None
 
 
 async def _call(hook: Hook, *args: Any) -> None:

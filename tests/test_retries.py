@@ -18,6 +18,8 @@ from kew import (
     TaskQueueManager,
     TaskStatus,
 )
+from kew.attempts import Attempt
+from kew.errors import ConnectionFailedError
 from kew.events import TaskRetryScheduled
 from kew.events.log import read
 from kew.keys import QueueKeys
@@ -427,3 +429,82 @@ async def test_a_cancellation_turned_into_an_error_at_shutdown_is_handed_back(
     assert status["circuit_breaker_status"] == "closed"
     assert status["circuit_breaker_failures"] == 0
     assert await second.verify_projections("q") == []
+
+
+async def test_raising_sync_hooks_are_logged_and_the_consumer_carries_on(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sync on_task_start and a sync on_task_complete that raise are logged;
+    the tasks still complete, and the consumer runs the next ones."""
+    calls: list[str] = []
+
+    def on_start(info: TaskInfo) -> None:
+        calls.append(f"start {info.task_id}")
+        raise RuntimeError("a broken start hook")
+
+    def on_complete(info: TaskInfo) -> None:
+        calls.append(f"complete {info.task_id}")
+        raise ValueError("a broken complete hook")
+
+    async def echo(n: int) -> int:
+        return n
+
+    manager = await make_manager(on_task_start=on_start, on_task_complete=on_complete)
+    await manager.create_queue(QueueConfig(name="q", max_workers=1))
+    with caplog.at_level(logging.ERROR, logger="kew.hooks"):
+        for n in range(3):
+            await manager.submit_task(f"t{n}", "q", echo, n)
+        for n in range(3):
+            info = await manager.wait_for_task(f"t{n}", timeout=10)
+            assert (info.status, info.result) == (TaskStatus.COMPLETED, n)
+        await eventually(lambda: len(calls) == 6, what="six hook calls")
+    assert sorted(calls) == sorted(
+        f"{kind} t{n}" for n in range(3) for kind in ("start", "complete")
+    )
+    logged = sorted(str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    assert logged == ["a broken complete hook"] * 3 + ["a broken start hook"] * 3
+    assert await manager.verify_projections("q") == []
+
+
+async def test_hooks_whose_status_lookup_fails_are_skipped_and_logged_as_such(
+    make_manager: MakeManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the TaskInfo for a hook cannot be read, the hook is skipped with a
+    warning that says so; the outcome is recorded, and no log line claims it
+    was not."""
+    seen: list[str] = []
+
+    def note(info: TaskInfo) -> None:
+        seen.append(info.task_id)
+
+    async def echo(n: int) -> int:
+        return n
+
+    manager = await make_manager(on_task_start=note, on_task_complete=note)
+    hooks = manager._hooks  # pyright: ignore[reportPrivateUsage]
+    lookups = {"n": 0}
+    real_describe = hooks.describe
+    assert real_describe is not None
+
+    async def fails_once_per_task(attempt: Attempt) -> TaskInfo:
+        # The lookup for the start hook works; the one after the outcome
+        # fails, as when the server cannot be reached at that moment.
+        lookups["n"] += 1
+        if lookups["n"] % 2 == 0:
+            raise ConnectionFailedError("The server went away for a moment.")
+        return await real_describe(attempt)
+
+    hooks.describe = fails_once_per_task
+    await manager.create_queue(QueueConfig(name="q", max_workers=1))
+    with caplog.at_level(logging.WARNING):
+        await manager.submit_task("t", "q", echo, 1)
+        info = await manager.wait_for_task("t", timeout=10)
+        await eventually(lambda: lookups["n"] == 2, what="both lookups")
+        await manager.submit_task("u", "q", echo, 2)
+        assert (await manager.wait_for_task("u", timeout=10)).result == 2
+    assert (info.status, info.result) == (TaskStatus.COMPLETED, 1)
+    assert "could not record" not in caplog.text
+    assert "taken over after the lease" not in caplog.text
+    assert "on_task_complete hook of task 't' attempt 1 not run" in caplog.text
+    assert seen == ["t", "u"]
+    assert await manager.verify_projections("q") == []
