@@ -431,6 +431,65 @@ async def test_a_cancellation_turned_into_an_error_at_shutdown_is_handed_back(
     assert await second.verify_projections("q") == []
 
 
+async def test_max_retry_delay_caps_the_backoff(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """retry_delay=0.2 doubles to 0.4 and 0.8 s, but max_retry_delay=0.05
+    caps every wait: each delay lies between half and all of 50 ms."""
+    flaky = Flaky(failures=3)
+    manager.registry.register(flaky, "tests.flaky_capped")
+    await manager.create_queue(
+        QueueConfig(name="q", max_retries=3, retry_delay=0.2, max_retry_delay=0.05)
+    )
+    await manager.submit_task("r", "q", "tests.flaky_capped")
+    info = await manager.wait_for_task("r", timeout=10)
+    assert info.status is TaskStatus.COMPLETED
+    scheduled = [
+        e
+        for e in await _task_events(client, prefix, "r")
+        if isinstance(e, TaskRetryScheduled)
+    ]
+    assert len(scheduled) == 3
+    for event in scheduled:
+        assert 25 <= event.delay_ms <= 50, event
+        assert event.due_at == event.ms + event.delay_ms
+    assert await manager.verify_projections("q") == []
+
+
+async def test_a_task_waiting_for_a_retry_does_not_block_due_tasks(
+    manager: TaskQueueManager,
+) -> None:
+    """A HIGH task waiting a minute for its retry leaves a one-worker queue
+    free: MEDIUM and LOW tasks submitted after it run meanwhile."""
+    flaky = Flaky(failures=1)
+    manager.registry.register(flaky, "tests.flaky_high")
+
+    async def echo(label: str) -> str:
+        return label
+
+    await manager.create_queue(
+        QueueConfig(name="q", max_workers=1, max_retries=1, retry_delay=60)
+    )
+    await manager.submit_task(
+        "urgent", "q", "tests.flaky_high", priority=QueuePriority.HIGH
+    )
+    await eventually(
+        lambda: _status_is(manager, "urgent", TaskStatus.RETRY), what="the retry wait"
+    )
+    await manager.submit_task("m", "q", echo, "m")
+    await manager.submit_task("l", "q", echo, "l", priority=QueuePriority.LOW)
+    for task_id in ("m", "l"):
+        done = await manager.wait_for_task(task_id, timeout=10)
+        assert done.status is TaskStatus.COMPLETED
+    waiting = await manager.get_task_status("urgent")
+    assert waiting.status is TaskStatus.RETRY
+    assert waiting.due_time is not None
+    assert done.completed_time is not None
+    assert done.completed_time < waiting.due_time
+    assert await manager.cancel_task("urgent") is True
+    assert await manager.verify_projections("q") == []
+
+
 async def test_raising_sync_hooks_are_logged_and_the_consumer_carries_on(
     make_manager: MakeManager, caplog: pytest.LogCaptureFixture
 ) -> None:
