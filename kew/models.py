@@ -88,6 +88,9 @@ class QueueConfig:
     name: str
     max_workers: int = 10
     priority: QueuePriority = QueuePriority.MEDIUM
+    """Which of this process's queues gets a unit of its shared capacity first
+    (TaskQueueManager(max_concurrency=...)). No effect without that capacity,
+    and none between processes."""
     max_size: int = 1000
     task_timeout: float | None = None
     circuit_breaker_max_failures: int = 3
