@@ -51,10 +51,6 @@ async def _breaker(manager: TaskQueueManager) -> str:
     return str((await manager.get_queue_status("q"))["circuit_breaker_status"])
 
 
-async def _breaker_is(manager: TaskQueueManager, state: str) -> bool:
-    return await _breaker(manager) == state
-
-
 async def _events(client: aioredis.Redis, prefix: str) -> list[Event]:
     return [e async for e in read(client, QueueKeys(prefix, "q").log)]
 
@@ -75,7 +71,14 @@ async def _trials(client: aioredis.Redis, prefix: str) -> list[str | None]:
 
 
 async def _trial_slots(client: aioredis.Redis, prefix: str) -> str | None:
-    return await client.hget(QueueKeys(prefix, "q").breaker, "trials")
+    value = await client.hget(QueueKeys(prefix, "q").breaker, "trials")
+    return None if value is None else str(value)
+
+
+async def _manager(make_manager: MakeManager) -> TaskQueueManager:
+    """A consuming manager with a registry of its own: every test registers a
+    Jobs.job of its own under the same name."""
+    return await make_manager(registry=Registry())
 
 
 async def _fail(manager: TaskQueueManager, jobs: Jobs, task_id: str) -> None:
@@ -87,10 +90,11 @@ async def _fail(manager: TaskQueueManager, jobs: Jobs, task_id: str) -> None:
 
 
 async def test_a_success_of_a_task_running_since_before_the_opening_keeps_it_open(
-    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
 ) -> None:
     """A task that started while the breaker was closed and succeeds after it
     opened is no trial: the breaker stays open (the earlier release closed it)."""
+    manager = await _manager(make_manager)
     jobs = Jobs()
     await manager.create_queue(
         QueueConfig(
@@ -113,11 +117,12 @@ async def test_a_success_of_a_task_running_since_before_the_opening_keeps_it_ope
 
 
 async def test_after_closing_one_failure_does_not_reopen_the_breaker(
-    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
 ) -> None:
     """With circuit_breaker_max_failures=2, a trial success closes the breaker
     with its count at 0: one more failure leaves it closed (the earlier
     release reopened it at once), the second opens it."""
+    manager = await _manager(make_manager)
     jobs = Jobs()
     await manager.create_queue(
         QueueConfig(
@@ -152,10 +157,11 @@ async def test_after_closing_one_failure_does_not_reopen_the_breaker(
 
 
 async def test_a_non_trial_success_while_half_open_does_not_close_the_breaker(
-    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
 ) -> None:
     """A task running since before the opening succeeds while the trial still
     runs: the breaker stays half-open; the trial's success closes it."""
+    manager = await _manager(make_manager)
     jobs = Jobs()
     await manager.create_queue(
         QueueConfig(
@@ -188,10 +194,11 @@ async def test_a_non_trial_success_while_half_open_does_not_close_the_breaker(
 
 
 async def test_a_cancelled_trial_frees_its_slot(
-    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
 ) -> None:
     """cancel_task on the running trial ends it without a verdict: the breaker
     stays half-open, its slot is free, and the next task is the new trial."""
+    manager = await _manager(make_manager)
     jobs = Jobs()
     await manager.create_queue(
         QueueConfig(

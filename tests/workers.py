@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -79,7 +79,7 @@ class WorkerProcess:
 @contextlib.asynccontextmanager
 async def worker_process(
     directory: Path, redis_url: str, prefix: str, queue: str = "q"
-) -> AsyncIterator[WorkerProcess]:
+) -> AsyncGenerator[WorkerProcess, None]:
     """Start a worker on `queue` and wait until it consumes; it is killed on
     exit if it still runs."""
     (directory / f"{MODULE}.py").write_text(TASKS)
