@@ -264,17 +264,18 @@ async def test_a_failure_just_after_the_cancel_request_ends_cancelled(
 async def test_a_task_asked_to_cancel_that_outlives_the_request_ends_at_shutdown(
     make_manager: MakeManager, client: aioredis.Redis, prefix: str
 ) -> None:
-    """A function that ignores the cancel request is still running when its
-    consumer shuts down: the shutdown ends it `cancelled` (not handed back to
-    run again)."""
-    asked = asyncio.Event()
+    """A function that ignores the cancel request (and every cancellation) is
+    still running when its consumer shuts down and gives up on it: the
+    shutdown ends the task `cancelled`, not handed back to run again."""
+    asked, finish = asyncio.Event(), asyncio.Event()
 
-    async def stubborn() -> None:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            asked.set()
-            await asyncio.sleep(3600)  # the shutdown's cancellation ends this
+    async def stubborn() -> str:
+        while not finish.is_set():
+            try:
+                await finish.wait()
+            except asyncio.CancelledError:
+                asked.set()
+        return "finished anyway"
 
     registry = Registry()
     registry.register(stubborn, "tests.stubborn")
@@ -301,6 +302,11 @@ async def test_a_task_asked_to_cancel_that_outlives_the_request_ends_at_shutdown
     assert isinstance(events[-1], TaskCancelled)
     assert events[-1].reason == "its consumer shut down before the attempt stopped"
     assert await watcher.verify_projections("q") == []
+    # Let the function end, so the test leaves nothing running.
+    leftover = [t for t in asyncio.all_tasks() if t.get_name() == "kew task s"]
+    finish.set()
+    await asyncio.wait(leftover, timeout=10)
+    assert all(t.done() for t in leftover)
 
 
 async def _kill_while_running(
