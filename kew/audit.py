@@ -14,8 +14,22 @@ the head that is trimmed holds whole tasks that have ended, never an event of
 a task still open, nor of a dead-lettered task while it waits in the
 dead-letter stream (it can still be requeued). What was trimmed is folded
 into the queue's snapshot, so verify and rebuild still agree with the
-projections. No consumer group reads
-the log, so no group can still need a trimmed event.
+projections. No consumer group reads the log, so no group can still need a
+trimmed event.
+
+Known limitation: the log is trimmed only at its head (XTRIM MINID), up to the
+first event of the oldest task that must keep its events. So one such task
+holds the trim point for the whole queue: a task deferred by an hour keeps
+every event written after its submission, those of tasks that ended long ago
+included, for that hour; a task that waits in the dead-letter stream holds it
+until it is requeued and ends. `RetentionReport.held_by`, `held_since` and
+`held_because` say which task holds it and since when (`kew retention` prints
+them). Trimming the ended tasks' events around the open ones (XDEL by id)
+would lift this, but the snapshot stands for a contiguous head of the log
+(`Snapshot.through`): the fold of the live log starts after it, as-of refuses
+instants before it, and the breaker's state at `through` assumes every event
+before it was folded in. A log with holes below `through` would break all
+three, so it is not done.
 
 The archive plus the live log answer history and as-of queries together:
 `read_archive` reads an archive back (`kew history TASK --archive FILE` merges
@@ -32,6 +46,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -299,13 +314,25 @@ def _after(entry_id: str, other: str) -> bool:
 
 @dataclasses.dataclass
 class RetentionReport:
+    """What one application of the retention policy did, and what held it."""
+
     archived: int
     """Events written to the archive and trimmed from the log."""
-    kept_for_open_tasks: int
-    """Events older than the cutoff kept because a task that is still open
-    (or ended after the cutoff) has an event at or after them."""
+    kept: int
+    """Events older than the cutoff that stay in the log, because a task
+    holds the trim point (below)."""
     through: str | None
-    """The last trimmed entry id."""
+    """The last trimmed entry id (None if nothing was trimmed)."""
+    held_by: str | None = None
+    """The task whose first event is the trim point, if one is: the log is
+    trimmed only up to it, so every event from there on stays (those of tasks
+    that ended long ago too) until it has ended and its end is older than
+    the cutoff."""
+    held_since: datetime | None = None
+    """The time of that task's first event in the log."""
+    held_because: str = ""
+    """Why it holds the trim point: still open (in which state), ended after
+    the cutoff, or waiting in the dead-letter stream."""
 
 
 async def apply_retention(
@@ -322,28 +349,20 @@ async def apply_retention(
     if not old:
         return RetentionReport(0, 0, None)
 
-    first: dict[str, str] = {}
-    for event in old:
-        if event.task_id:
-            first.setdefault(event.task_id, event.id)
-    ids = list(first)
-    ended = cast(
-        list[str | None],
-        await guarded(client.hmget(keys.ended, ids)) if ids else [],
-    )
-    newest = old[-1].id
-    # A dead letter is in the ended index, yet it can be requeued: while it
-    # waits in the dead-letter stream its task is as open as a queued one.
-    dead = await _dead_lettered(client, keys)
-    floors = [
-        first[task_id]
-        for task_id, last in zip(ids, ended, strict=True)
-        if last is None or _after(last, newest) or task_id in dead
-    ]
-    floor = min(floors, key=_order) if floors else _next_id(newest)
+    hold = await _trim_point(client, keys, old)
+    floor = hold.floor if hold else _next_id(old[-1].id)
     trimmed = [e for e in old if _after(floor, e.id)]
+    held = _held_fields(hold)
+    if hold is not None:
+        logger.info(
+            "retention of queue %s: task %s holds the trim point since %s (%s)",
+            keys.queue,
+            hold.task_id,
+            held["held_since"],
+            hold.because,
+        )
     if not trimmed:
-        return RetentionReport(0, len(old), None)
+        return RetentionReport(0, len(old), None, **held)
 
     await _write_archive(archive, keys.queue, raw[: len(trimmed)], trimmed)
     previous = Snapshot.from_hash(
@@ -379,7 +398,66 @@ async def apply_retention(
         keys.queue,
         snapshot.through,
     )
-    return RetentionReport(len(trimmed), len(old) - len(trimmed), snapshot.through)
+    return RetentionReport(
+        len(trimmed), len(old) - len(trimmed), snapshot.through, **held
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hold:
+    """The task whose first old event is the trim point, and why."""
+
+    task_id: str
+    floor: str
+    because: str
+
+
+async def _trim_point(
+    client: aioredis.Redis, keys: QueueKeys, old: list[Event]
+) -> _Hold | None:
+    """Of the tasks with events before the cutoff, the one with the oldest
+    first event among those that must keep their events: open, ended after
+    the newest old event, or waiting in the dead-letter stream. None if no
+    task holds the trim point (every old event may go)."""
+    first: dict[str, str] = {}
+    for event in old:
+        if event.task_id:
+            first.setdefault(event.task_id, event.id)
+    ids = list(first)
+    ended = cast(
+        list[str | None],
+        await guarded(client.hmget(keys.ended, ids)) if ids else [],
+    )
+    newest = old[-1].id
+    # A dead letter is in the ended index, yet it can be requeued: while it
+    # waits in the dead-letter stream its task is as open as a queued one.
+    dead = await _dead_lettered(client, keys)
+    holders = [
+        (first[task_id], task_id, last)
+        for task_id, last in zip(ids, ended, strict=True)
+        if last is None or _after(last, newest) or task_id in dead
+    ]
+    if not holders:
+        return None
+    floor, task_id, last = min(holders, key=lambda h: _order(h[0]))
+    if task_id in dead:
+        because = "it waits in the dead-letter stream, and may be requeued"
+    elif last is not None:
+        because = "it ended after the cutoff"
+    else:
+        state = await guarded(client.hget(keys.task(task_id), "state"))
+        because = f"it is still {state or 'open'}"
+    return _Hold(task_id, floor, because)
+
+
+def _held_fields(hold: _Hold | None) -> dict[str, Any]:
+    if hold is None:
+        return {}
+    return {
+        "held_by": hold.task_id,
+        "held_since": entry_time(hold.floor),
+        "held_because": hold.because,
+    }
 
 
 async def _dead_lettered(client: aioredis.Redis, keys: QueueKeys) -> set[str]:

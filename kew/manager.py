@@ -24,7 +24,7 @@ from opentelemetry.trace import TracerProvider
 
 from kew import functions
 from kew.attempts import Attempt
-from kew.audit import Archive, apply_retention, import_lines
+from kew.audit import Archive, RetentionReport, apply_retention, import_lines
 from kew.closing import LoopGuard
 from kew.connection import (
     check_server,
@@ -555,12 +555,16 @@ class TaskQueueManager(Reads):
 
     # -- dead letters ----------------------------------------------------
 
-    async def apply_retention(self, queue_name: str, archive: Archive) -> int:
+    async def apply_retention(
+        self, queue_name: str, archive: Archive
+    ) -> RetentionReport:
         """Apply the queue's retention policy (QueueConfig.retention_seconds):
         archive the events older than that to `archive` (a JSON Lines file,
         appended to and fsynced, or a callback taking a list of events), then
-        trim them from the log. Only whole ended tasks are trimmed; see
-        kew.audit. Returns how many events were archived and trimmed."""
+        trim them from the log. Only whole ended tasks are trimmed, at the
+        head of the log; see kew.audit. Returns what was archived and trimmed
+        (`archived`), and, if a task holds the trim point, which one, since
+        when and why (`held_by`, `held_since`, `held_because`)."""
         queue = await self._queue(queue_name)
         seconds = queue.config.retention_seconds
         if seconds is None:
@@ -568,10 +572,9 @@ class TaskQueueManager(Reads):
                 f"Queue {queue_name!r} has no retention policy: create it with "
                 "QueueConfig(retention_seconds=...) to bound its log."
             )
-        report = await apply_retention(
+        return await apply_retention(
             self.client, queue.keys, int(seconds * 1000), archive
         )
-        return report.archived
 
     async def import_log(self, lines: Iterable[dict[str, Any]]) -> dict[str, int]:
         """Load exported log lines (kew.audit, `kew export`) into this

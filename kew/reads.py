@@ -137,7 +137,13 @@ class Reads:
     ) -> list[Event]:
         """The task's events, oldest first, as typed models (time, type,
         attempt, actor, error, trace id...). Also after the task's record has
-        expired, as long as the log still holds the events."""
+        expired, as long as the log still holds the events.
+
+        The history follows the task's chain of events backwards from its
+        last one, so `limit` keeps the newest `limit` events and leaves out
+        the oldest: when exactly `limit` came back and the first of them has
+        a `prev`, there were more (`kew history` says so). Events trimmed by
+        the retention policy are in its archive, not here."""
         _, events = await self._history(task_id, queue_name, limit)
         return events
 

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -211,7 +211,7 @@ async def test_retention_archives_then_trims_only_whole_ended_tasks(
     length = await client.xlen(keys.log)
 
     archive = tmp_path / "archive.jsonl"
-    archived = await manager.apply_retention("q", archive)
+    archived = (await manager.apply_retention("q", archive)).archived
     # queue.configured + 3 events for each of the five old tasks; "open" (and
     # everything after its first event) stays.
     assert archived == 16
@@ -231,7 +231,7 @@ async def test_retention_archives_then_trims_only_whole_ended_tasks(
     assert [e.type for e in open_history] == ["task.submitted", "task.started"]
 
     # Nothing more to trim while "open" is open: it holds the floor.
-    assert await manager.apply_retention("q", archive) == 0
+    assert (await manager.apply_retention("q", archive)).archived == 0
     gate.set()
     await manager.wait_for_task("open", 10)
 
@@ -292,7 +292,8 @@ async def test_retention_keeps_a_dead_letter_until_it_is_requeued(
     await consumer.wait_for_task("done", 10)
     await _after_server_ms(consumer, (await consumer.get_task_history("done"))[-1].ms)
 
-    archived = await consumer.apply_retention("q", tmp_path / "archive.jsonl")
+    report = await consumer.apply_retention("q", tmp_path / "archive.jsonl")
+    archived = report.archived
     assert archived == 1  # queue.configured; "dl" holds the floor
     assert (await consumer.get_task_history("dl"))[0].type == "task.submitted"
 
@@ -330,7 +331,8 @@ async def test_an_export_taken_after_retention_imports(
     await source.submit_task("old", "q", ok, 1)
     await source.wait_for_task("old", 10)
     await _after_server_ms(source, (await source.get_task_history("old"))[-1].ms)
-    assert await source.apply_retention("q", tmp_path / "archive.jsonl") == 4
+    report = await source.apply_retention("q", tmp_path / "archive.jsonl")
+    assert report.archived == 4
     await source.submit_task("young", "q", ok, 2)
     await source.wait_for_task("young", 10)
 
@@ -394,3 +396,114 @@ async def test_verify_reports_and_rebuild_repairs_what_the_log_cannot_reach(
     assert await manager.verify_projections("q") == []
     assert not await client.exists(keys.task("stray[1]"))
     assert await client.zscore(keys.sched, "later") == due
+
+
+async def test_as_of_follows_the_breaker_through_its_transitions(
+    manager: TaskQueueManager,
+) -> None:
+    """Queue and task status as of each step of the breaker's round: closed
+    while the first task runs, open after its failure tripped it, half open
+    with the trial running, closed once the trial succeeded. Each task is
+    held until the server's clock has moved past its start, and the next is
+    submitted once it has moved past the log's last event, so that no two of
+    these instants share a millisecond (the log's clock)."""
+    gates = {"trips": asyncio.Event(), "trial": asyncio.Event()}
+
+    async def trips() -> None:
+        await gates["trips"].wait()
+        raise RuntimeError("the service is down")
+
+    async def trial() -> str:
+        await gates["trial"].wait()
+        return "up again"
+
+    manager.registry = Registry()
+    manager.registry.register(trips, "tests.audit_trips")
+    manager.registry.register(trial, "tests.audit_trial")
+    await manager.create_queue(
+        QueueConfig(
+            name="q", circuit_breaker_max_failures=1, circuit_breaker_reset_timeout=0.2
+        )
+    )
+    log_key = QueueKeys(manager.key_prefix, "q").log
+    started: dict[str, datetime] = {}
+    for task_id in ("trips", "trial"):
+        await manager.submit_task(task_id, "q", f"tests.audit_{task_id}")
+        await eventually(
+            lambda t=task_id: _status_is(manager, t, TaskStatus.PROCESSING),
+            what=f"{task_id} to start",
+        )
+        start = (await manager.get_task_history(task_id))[-1]
+        started[task_id] = start.time
+        await _after_server_ms(manager, start.ms)
+        gates[task_id].set()
+        await manager.wait_for_task(task_id, 10)
+        # Past the log's last event: a breaker event may follow the task's end
+        # a millisecond later.
+        ((last, _),) = await manager.client.xrevrange(log_key, count=1)
+        await _after_server_ms(manager, int(last.split("-")[0]))
+
+    log = [line async for line in manager.export_log("q")]
+    at = {
+        line["type"]: datetime.fromisoformat(line["time"])
+        for line in log
+        if line["type"].startswith("breaker.")
+    }
+    assert list(at) == ["breaker.opened", "breaker.half_opened", "breaker.closed"]
+    # The breaker turns half open at a consumer's first fetch or renewal after
+    # its timeout; the trial starts then or a moment later.
+    assert at["breaker.half_opened"] <= started["trial"] < at["breaker.closed"]
+    expected = [
+        (started["trips"], "closed", 0, "trips", TaskStatus.PROCESSING),
+        (at["breaker.opened"], "open", 1, "trips", TaskStatus.FAILED),
+        (started["trial"], "half_open", 1, "trial", TaskStatus.PROCESSING),
+        (at["breaker.closed"], "closed", 0, "trial", TaskStatus.COMPLETED),
+    ]
+    for moment, state, failures, task_id, status in expected:
+        then = await manager.get_queue_status("q", as_of=moment)
+        assert (then["circuit_breaker_status"], then["circuit_breaker_failures"]) == (
+            state,
+            failures,
+        ), moment
+        info = await manager.get_task_status(task_id, as_of=moment)
+        assert info.status is status, moment
+    opened = await manager.get_queue_status("q", as_of=at["breaker.opened"])
+    assert (opened["failed_tasks"], opened["running_tasks"]) == (1, [])
+    assert opened["circuit_breaker_open_until"] is not None
+    trying = await manager.get_queue_status("q", as_of=started["trial"])
+    assert trying["running_tasks"] == ["trial"]
+    with pytest.raises(TaskNotFoundError, match="not been submitted yet"):
+        await manager.get_task_status("trial", as_of=at["breaker.opened"])
+
+
+async def test_retention_reports_the_task_that_holds_the_trim_point(
+    manager: TaskQueueManager, tmp_path: Path
+) -> None:
+    """apply_retention returns what it archived, and which task holds the
+    trim point, since its first event, and why: here a task still running."""
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "late"
+
+    await manager.create_queue(QueueConfig(name="q", retention_seconds=0.001))
+    await manager.submit_task("old", "q", ok, 1)
+    await manager.wait_for_task("old", 10)
+    await manager.submit_task("open", "q", held)
+    await eventually(
+        lambda: _status_is(manager, "open", TaskStatus.PROCESSING), what="open"
+    )
+    first, started = await manager.get_task_history("open")
+    await _after_server_ms(manager, started.ms)  # older than the cutoff
+
+    report = await manager.apply_retention("q", tmp_path / "archive.jsonl")
+
+    assert (report.archived, report.kept) == (4, 2)
+    assert (report.held_by, report.held_since) == ("open", first.time)
+    assert report.held_because == "it is still processing"
+    gate.set()
+    await manager.wait_for_task("open", 10)
+    await _after_server_ms(manager, (await manager.get_task_history("open"))[-1].ms)
+    freed = await manager.apply_retention("q", tmp_path / "archive.jsonl")
+    assert (freed.archived, freed.held_by, freed.held_since) == (3, None, None)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,118 @@ async def test_retention_command_archives_and_trims(
     )
     assert merged.returncode == 0, merged.stderr
     assert len(merged.stdout.splitlines()) == 3
+
+
+async def test_verify_prints_json(
+    workload: TaskQueueManager, redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """kew verify --json: whether the projections agree, and each difference
+    with its key, fields, stored and folded values; exit 1 on a difference."""
+    agreed = kew(redis_url, prefix, "verify", "q", "--json")
+    assert agreed.returncode == 0, agreed.stderr
+    assert json.loads(agreed.stdout) == {
+        "queue": "q",
+        "agree": True,
+        "differences": [],
+    }
+
+    await client.hset(QueueKeys(prefix, "q").task("ok1"), "result", "666")
+    differs = kew(redis_url, prefix, "verify", "q", "--json")
+    assert differs.returncode == 1
+    report = json.loads(differs.stdout)
+    assert report["agree"] is False
+    (difference,) = report["differences"]
+    assert (difference["key"], difference["fields"]) == ("task ok1", ["result"])
+    assert (difference["stored"]["result"], difference["folded"]["result"]) == (
+        "666",
+        "1",
+    )
+
+
+async def test_dead_letters_list_prints_json_and_changes_nothing(
+    make_manager: MakeManager, redis_url: str, prefix: str, client: aioredis.Redis
+) -> None:
+    """kew dead-letters list --json prints one object a dead letter; listing
+    does not prune consumers (a gone consumer that holds nothing, which a
+    manager's cleanup_on_start would remove, is still there)."""
+    creator = await make_manager(consume=False)
+    await creator.create_queue(
+        QueueConfig(name="q", max_deliveries=1, lease_seconds=0.1)
+    )
+    await creator.submit_task("d", "q", ok, 1)
+    # Read by a consumer that then vanishes; the next one finds the entry
+    # lapsed, delivered twice with max_deliveries=1: a dead letter.
+    ready = QueueKeys(prefix, "q").ready("medium")
+    assert await client.xreadgroup("workers", "ghost", {ready: ">"}, count=1)
+    consumer = await make_manager()
+    await consumer.attach_queue("q")
+    await consumer.wait_for_task("d", timeout=TIMEOUT)
+    await client.xgroup_createconsumer(ready, "workers", "idle-ghost")
+
+    listed = kew(redis_url, prefix, "dead-letters", "list", "q", "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(x["task_id"], x["previous"]) for x in letters] == [("d", "ghost")]
+    names = {c["name"] for c in await client.xinfo_consumers(ready, "workers")}
+    assert "idle-ghost" in names
+
+
+async def test_retention_says_which_task_holds_the_trim_point(
+    make_manager: MakeManager, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A task deferred by an hour holds the trim point: kew retention archives
+    what is before its submission, and says which task keeps the rest, since
+    when and why; --json gives the same as fields."""
+    manager = await make_manager()
+    await manager.create_queue(QueueConfig(name="q", retention_seconds=0.001))
+    await manager.submit_task("old", "q", ok, 1)
+    await manager.wait_for_task("old", 10)
+    await manager.submit_task("later", "q", ok, 2, _defer_by=3600)
+    await manager.submit_task("young", "q", ok, 3)
+    await manager.wait_for_task("young", 10)
+    since = (await manager.get_task_history("later"))[0].time
+    archive = tmp_path / "archive.jsonl"
+
+    done = kew(redis_url, prefix, "retention", "q", "--archive", str(archive))
+    again = kew(
+        redis_url, prefix, "retention", "q", "--archive", str(archive), "--json"
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "Archived 4 events" in done.stdout
+    assert "task 'later' holds the trim point since" in done.stdout
+    assert "(it is still scheduled)" in done.stdout
+    report = json.loads(again.stdout)
+    assert (report["archived"], report["kept"]) == (0, 4)
+    assert (report["held_by"], report["held_because"]) == (
+        "later",
+        "it is still scheduled",
+    )
+    assert datetime.fromisoformat(report["held_since"]) == since
+
+
+async def test_history_says_when_its_limit_left_events_out(
+    make_manager: MakeManager, redis_url: str, prefix: str
+) -> None:
+    """get_task_history(limit=N) keeps the newest N events (it follows the
+    chain back from the last); kew history --limit N says on stderr that
+    older events were left out, and says nothing when none were."""
+    manager = await make_manager()
+    await manager.create_queue(QueueConfig(name="q", retry_delay=0, max_retries=2))
+    await manager.submit_task("t", "q", broken, 1)
+    await manager.wait_for_task("t", 10)
+    whole = await manager.get_task_history("t")
+    newest = await manager.get_task_history("t", limit=3)
+    assert [e.id for e in newest] == [e.id for e in whole[-3:]]
+
+    cut = kew(redis_url, prefix, "history", "t", "--limit", "3", "--json")
+    full = kew(redis_url, prefix, "history", "t", "--limit", str(len(whole)))
+
+    assert cut.returncode == 0, cut.stderr
+    assert len(cut.stdout.splitlines()) == 3
+    assert "more than 3 events" in cut.stderr
+    assert "--limit" in cut.stderr
+    assert full.returncode == 0, full.stderr
+    assert full.stderr == ""
+    assert len(full.stdout.splitlines()) == len(whole) + 1  # and the column names

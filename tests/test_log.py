@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from kew import (
     TaskAlreadyExistsError,
     TaskQueueManager,
     TaskStatus,
+    functions,
 )
 from kew.events import (
     Event,
@@ -340,3 +342,38 @@ def test_every_event_model_is_in_the_discriminated_union() -> None:
         name = model.model_fields["type"].default
         assert EVENT_TYPES.get(name) is model, name
         assert model.__name__ in models_module.__all__
+
+
+def _lua_versions() -> dict[str, str]:
+    """The VERSIONS table of the Lua library: event type -> schema version."""
+    source = functions.SOURCE
+    table = re.search(r"local VERSIONS = \{(.*?)\n\}", source, re.S)
+    assert table, "no VERSIONS table in the Lua library"
+    return dict(re.findall(r"\['([\w.]+)'\] = '(\d+)'", table[1]))
+
+
+def test_the_lua_library_writes_each_types_model_version() -> None:
+    """The Lua library's VERSIONS table gives every event type the VERSION of
+    its Python model, and names no type the models do not know; every event
+    type the library's source mentions has a version there."""
+    versions = _lua_versions()
+    assert versions == {name: str(m.VERSION) for name, m in EVENT_TYPES.items()}
+    mentioned = set(
+        re.findall(r"'((?:task|breaker|queue)\.[a-z_]+)'", functions.SOURCE)
+    )
+    assert mentioned <= set(versions)
+
+
+async def test_every_logged_event_carries_its_types_version(
+    manager: TaskQueueManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """On a real server, each entry's `v` is the VERSION of its type's model."""
+    await manager.create_queue(QueueConfig(name="q", max_retries=1, retry_delay=0))
+    await manager.submit_task("ok", "q", add, 1, 2)
+    await manager.submit_task("bad", "q", fail, "no")
+    for task_id in ("ok", "bad"):
+        await manager.wait_for_task(task_id, 10)
+    entries = await client.xrange(QueueKeys(prefix, "q").log)
+    seen = {fields["type"]: fields["v"] for _, fields in entries}
+    assert len(seen) >= 6, seen
+    assert seen == {t: str(EVENT_TYPES[t].VERSION) for t in seen}

@@ -4,7 +4,9 @@
         [--otlp-endpoint URL]
     kew ... worker --queue NAME [--queue ...] --import MODULE [--import ...]
         [--redis-url URL] [--prefix PREFIX]
-    kew ... dead-letters {list,requeue} QUEUE
+    kew ... dead-letters {list,requeue} QUEUE [--json]
+    kew ... status | history | tail | replay         (kew/cli/log.py)
+    kew ... verify | rebuild | export | import | retention   (kew/cli/maintain.py)
 
 Each subcommand is a pair: an `add_<name>(add_parser)` function that declares
 its arguments and points `run` at an async `<name>(args)` function returning
@@ -14,7 +16,8 @@ stderr and exit code 1.
 
 The server is `--redis-url`, else `KEW_REDIS_URL`, else an embedded server that
 lives as long as the command. `--redis-url` and `--prefix` may come before the
-command or after it (the one after wins).
+command or after it (the one after wins). How the commands print is in
+kew/cli/output.py.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from kew.cli.base import AddParser, Run
+from kew.cli.base import AddParser, Run, attach_relative_times
 from kew.cli.demo import add_demo
-from kew.cli.log import LOG_COMMANDS
+from kew.cli.log import READ_COMMANDS
+from kew.cli.maintain import MAINTAIN_COMMANDS
 from kew.cli.ops import add_dead_letters, add_worker
 from kew.errors import KewError
 from kew.keys import DEFAULT_PREFIX, PREFIX_ENV
@@ -39,7 +43,8 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `kew` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(attach_relative_times(words))
     _configure_logging(args.verbose)
     run = cast(Run, args.run)
     try:
@@ -57,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="kew",
         description="kew: an asyncio task queue whose source of truth is an event "
         "log in Redis Streams.",
+        epilog="Output is tables on a terminal, tab-separated lines where stdout "
+        "is not one (a pipe, a file), and JSON with --json. Times are shown in "
+        "local time with their UTC offset; a time given without a zone "
+        "(--as-of, --since, --until) is local time too.",
     )
     _add_server_options(parser, default=None)
     parser.add_argument(
@@ -108,5 +117,6 @@ _SUBCOMMANDS: tuple[Callable[[AddParser], None], ...] = (
     add_demo,
     add_worker,
     add_dead_letters,
-    *LOG_COMMANDS,
+    *READ_COMMANDS,
+    *MAINTAIN_COMMANDS,
 )

@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress
-from rich.table import Table
 from rich.text import Text
 
 from kew.connection import make_client, resolve_url, safe_url
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 from kew.cli.base import AddParser, positive_int
-from kew.cli.log import timeline
+from kew.cli.output import Column, Output, show_value, timeline
 
 __all__ = ["add_demo", "demo"]
 
@@ -85,7 +84,7 @@ def add_demo(add_parser: AddParser) -> None:
 
 
 async def demo(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Output().console
     providers = _otlp_providers(args.otlp_endpoint) if args.otlp_endpoint else None
     try:
         return await _demo(console, args, providers)
@@ -222,26 +221,31 @@ async def _report(
     console: Console, manager: TaskQueueManager, infos: list[TaskInfo]
 ) -> None:
     """Outcomes, queue status, a failed task's log, and a check of the projections."""
+    output = Output(console)
     failed = [info for info in infos if info.status is TaskStatus.FAILED]
-    console.print(_outcomes_table(infos))
-    console.print(_status_table(await manager.get_queue_status(DEMO_QUEUE)))
+    _print_outcomes(output, infos)
+    status = await manager.get_queue_status(DEMO_QUEUE)
+    rows = [(name, show_value(value)) for name, value in status.items()]
+    columns = (Column("field", wrap=False), Column("value", justify="right"))
+    output.table(columns, rows, title=f"get_queue_status({DEMO_QUEUE!r})", header=False)
 
     if failed:
         task_id = failed[0].task_id
         events = await manager.get_task_history(task_id)
-        console.print(timeline(f"The history of failed task {task_id!r}", events))
-        console.print(
-            f"(the same with `kew history {task_id}` against a shared server; "
-            "each event's trace id leads to the task's trace)"
-        )
+        title = f"The history of failed task {task_id!r}"
+        timeline(output, title, events, plain_title=True)
+        note = f"(the same with `kew history {task_id}` against a shared server"
+        if any(event.trace_id for event in events):
+            note += "; each event's trace id leads to the task's trace"
+        output.line(note + ")")
 
     differences = await manager.verify_projections(DEMO_QUEUE)
     if differences:
-        console.print("Projections differ from the log:", style="bold red")
+        output.line("Projections differ from the log:", style="bold red")
         for difference in differences:
-            console.print(Text(f"  {difference}"))
+            output.line(f"  {difference}")
     else:
-        console.print("Verified: projections agree with the log.", style="green")
+        output.line("Verified: projections agree with the log.", style="green")
 
 
 async def _wait_with_progress(
@@ -267,40 +271,30 @@ async def _wait_with_progress(
 
 
 _STATUS_STYLE = {TaskStatus.COMPLETED: "green", TaskStatus.FAILED: "red"}
+_OUTCOME_COLUMNS = (
+    Column("task", wrap=False),
+    Column("status", wrap=False),
+    Column("attempt", justify="right"),
+    Column("result or error"),
+    Column("run time", wrap=False, justify="right"),
+)
 
 
-def _outcomes_table(infos: list[TaskInfo]) -> Table:
-    table = Table(title="Outcomes")
-    table.add_column("task", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("attempt", justify="right")
-    table.add_column("result or error", overflow="fold")
-    table.add_column("run time", justify="right", no_wrap=True)
+def _print_outcomes(output: Output, infos: list[TaskInfo]) -> None:
+    rows: list[list[str | Text]] = []
     for info in infos:
         outcome = info.error or json.dumps(info.result, separators=(",", ":"))
         run_time = ""
         if info.started_time is not None and info.completed_time is not None:
             seconds = (info.completed_time - info.started_time).total_seconds()
             run_time = f"{seconds:.3f} s"
-        table.add_row(
-            info.task_id,
-            Text(info.status.value, style=_STATUS_STYLE.get(info.status, "")),
-            str(info.attempt),
-            Text(outcome),
-            run_time,
-        )
+        status = Text(info.status.value, style=_STATUS_STYLE.get(info.status, ""))
+        rows.append([info.task_id, status, str(info.attempt), Text(outcome), run_time])
     counts = Counter(info.status.value for info in infos)
-    table.caption = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    return table
-
-
-def _status_table(status: dict[str, Any]) -> Table:
-    table = Table(title=f"get_queue_status({DEMO_QUEUE!r})")
-    table.add_column("field", no_wrap=True)
-    table.add_column("value", justify="right")
-    for name, value in status.items():
-        table.add_row(name, Text(str(value)))
-    return table
+    caption = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    output.table(
+        _OUTCOME_COLUMNS, rows, title="Outcomes", caption=caption, plain_title=True
+    )
 
 
 async def _check_unused(client: aioredis.Redis, url: str, prefix: str) -> None:

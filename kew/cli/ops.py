@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.table import Table
-
-from kew.cli.base import AddParser, positive_int
-from kew.connection import resolve_url
-from kew.errors import KewError
-from kew.manager import TaskQueueManager
+from kew.cli.base import AddParser, open_manager, positive_int, require_queue
+from kew.cli.output import Column, Output, print_json
 from kew.worker import run_worker
 
 __all__ = ["add_dead_letters", "add_worker"]
@@ -85,34 +80,50 @@ def add_dead_letters(add_parser: AddParser) -> None:
     )
     parser.add_argument("action", choices=("list", "requeue"))
     parser.add_argument("queue", metavar="QUEUE")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="list: one JSON object a dead letter; requeue: the count as JSON",
+    )
     parser.set_defaults(run=dead_letters)
 
 
+_LETTER_COLUMNS = (
+    Column("dead letter", wrap=False),
+    Column("task"),
+    Column("deliveries", wrap=False),
+    Column("last consumer"),
+    Column("reason"),
+)
+
+
 async def dead_letters(args: argparse.Namespace) -> int:
-    console = Console()
-    url = resolve_url(args.redis_url)
-    if url is None:
-        raise KewError(
-            "Dead letters live on a shared server: pass --redis-url or set "
-            "KEW_REDIS_URL."
-        )
-    async with TaskQueueManager(
-        redis_url=url, key_prefix=args.prefix, consume=False
-    ) as manager:
+    output = Output()
+    async with open_manager(args) as manager:
+        await require_queue(manager, args.queue)
         if args.action == "requeue":
             count = await manager.requeue_dead_letters(args.queue)
-            console.print(f"Requeued {count} dead-lettered tasks of {args.queue!r}.")
+            if args.json:
+                print_json({"queue": args.queue, "requeued": count})
+            else:
+                output.line(f"Requeued {count} dead-lettered tasks of {args.queue!r}.")
             return 0
         letters = await manager.dead_letters(args.queue)
-        table = Table("dead letter", "task", "deliveries", "last consumer", "reason")
+    if args.json:
         for letter in letters:
-            table.add_row(
-                letter["id"],
-                letter.get("task_id", ""),
-                letter.get("deliveries", ""),
-                letter.get("previous", ""),
-                letter.get("reason", ""),
-            )
-        console.print(table)
-        console.print(f"{len(letters)} dead letters in {args.queue!r}.")
+            print_json(letter)
+        return 0
+    rows = [
+        [
+            letter["id"],
+            letter.get("task_id", ""),
+            letter.get("deliveries", ""),
+            letter.get("previous", ""),
+            letter.get("reason", ""),
+        ]
+        for letter in letters
+    ]
+    # The count is a sentence for a reader; plain output stays rows only.
+    caption = f"{len(letters)} dead letters in {args.queue!r}."
+    output.table(_LETTER_COLUMNS, rows, caption=caption)
     return 0

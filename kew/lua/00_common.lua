@@ -62,9 +62,43 @@ local function ms_of(id)
   return string.match(id, '^(%d+)')
 end
 
+--[[
+The schema version of each event type this library writes (the `v` field).
+It must equal the VERSION of the type's model in kew/events/models.py
+(tests/test_log.py checks that it does, for every type): a change to the
+fields of a type bumps both, and adds an upcaster for the old shape to
+kew/events/codec.py.
+]]
+local VERSIONS = {
+  ['task.submitted'] = '1',
+  ['task.enqueued'] = '1',
+  ['task.started'] = '1',
+  ['task.succeeded'] = '1',
+  ['task.failed'] = '1',
+  ['task.retry_scheduled'] = '1',
+  ['task.cancel_requested'] = '1',
+  ['task.cancelled'] = '1',
+  ['task.reclaimed'] = '1',
+  ['task.interrupted'] = '1',
+  ['task.released'] = '1',
+  ['task.dead_lettered'] = '1',
+  ['task.refused'] = '1',
+  ['task.requeued'] = '1',
+  ['task.lost'] = '1',
+  ['breaker.opened'] = '1',
+  ['breaker.half_opened'] = '1',
+  ['breaker.closed'] = '1',
+  ['queue.configured'] = '1',
+}
+
 -- Append one event. Empty optional fields are left out of the entry.
 local function append(log, etype, task_id, prev, attempt, actor, tp, data)
-  local cmd = {'XADD', log, '*', 'type', etype, 'v', '1'}
+  local version = VERSIONS[etype]
+  if not version then
+    -- A bug in this library, never a caller's mistake: refuse before writing.
+    error('kew: event type ' .. etype .. ' has no schema version in VERSIONS')
+  end
+  local cmd = {'XADD', log, '*', 'type', etype, 'v', version}
   local function put(name, value)
     if value ~= nil and value ~= false and value ~= '' then
       cmd[#cmd + 1] = name
