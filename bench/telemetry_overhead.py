@@ -83,6 +83,12 @@ class NoTelemetry(Telemetry):
     def process(self, *args: Any, **kwargs: Any) -> Any:
         return _Nothing()
 
+    def breaker_moved(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def dead_letters(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
 
 async def no_sampler(*args: Any, **kwargs: Any) -> None:
     """Stands in for kew.sampler.sample_forever, which the manager starts."""
@@ -184,7 +190,7 @@ def calls_alone(mode: str, n: int) -> float:
         if stamped[0].tp != attempt.tp:
             attempt = dataclasses.replace(attempt, tp=stamped[0].tp)
         telemetry.received("q", attempt, 2, taken_over=False)
-        with telemetry.process("q", "consumer", attempt, 1) as process:
+        with telemetry.process("q", "consumer", attempt) as process:
             process.ended(outcome)
     elapsed = time.perf_counter() - started
     if sdk is not None:
