@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -1015,6 +1016,7 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
     )
     assert done.returncode == 0, done.stderr
     assert re.search(r"Trace id of the demo: [0-9a-f]{32}", done.stdout), done.stdout
+    assert f"Sent traces and metrics to {collector.url}." in done.stdout
 
     assert {path for path, _, _ in collector.posts} == {"/v1/traces", "/v1/metrics"}
     spans = spans_by_name_and_task(collector.traces(), "kew-demo")
@@ -1037,8 +1039,34 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
     } <= collector.metric_names()
 
 
+async def test_kew_demo_says_when_the_endpoint_is_unreachable(redis_url: str) -> None:
+    """With nothing listening at --otlp-endpoint, the demo says it could not
+    send its traces and metrics there, and exits 1."""
+    with socket.socket() as taken:
+        # Bound, never listening: connections to it are refused.
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        argv = [sys.executable, "-m", "kew", "--redis-url", redis_url, "demo"]
+        argv += ["--tasks", "2", "--workers", "2", "--otlp-endpoint", url]
+        env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+        )
+    assert done.returncode == 1, done.stdout
+    assert "Sent traces" not in done.stdout
+    said = " ".join(done.stderr.split())
+    assert f"Could not send the demo's traces and metrics to {url!r}" in said, said
+
+
 def test_the_demo_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without kew[otel], --otlp-endpoint fails with a message naming the extra."""
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.delitem(sys.modules, "kew.cli.otlp", raising=False)
     with pytest.raises(ConfigurationError, match=r"pip install 'kew\[otel\]'"):
-        demo._otlp_providers("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]
+        demo._otlp_export("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]
