@@ -38,9 +38,10 @@ Spans follow the messaging conventions, which upstream still marks
 
 Metrics are listed in `Telemetry.__init__`. Counts are taken where things
 happen: breaker transitions and dead letters are reported in the replies of
-the functions that make them (fetch, maintain, finish) and counted by the
-process that made the call, so each is counted once however many processes
-share the queue. The gauges (depth by state, breaker state) are sampled from
+the functions that make them (fetch, maintain and finish; refuse, whose
+dead letters the breaker does not count) and counted by the process that
+made the call, so each is counted once however many processes share the
+queue. The gauges (depth by state, breaker state) are sampled from
 the server by the manager (kew.sampler): when a queue is created or
 attached, every `SAMPLE_SECONDS` after that, and once more at shutdown; only
 while a meter provider of an SDK is in place (else the sampler reads

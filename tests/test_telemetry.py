@@ -53,6 +53,7 @@ from kew.attempts import Attempt, Outcome
 from kew.cli import demo
 from kew.events.models import TaskStarted, TaskSubmitted
 from kew.keys import QueueKeys
+from kew.registry import Registry
 
 from .conftest import eventually
 
@@ -593,6 +594,26 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
         )
     finally:
         other.meter_provider.shutdown()
+
+
+async def test_a_dead_letter_of_refusals_is_counted_by_the_refusing_consumer(
+    make_manager: MakeManager, traced: Traced
+) -> None:
+    """A task handed back max_deliveries times by a consumer that lacks its
+    function is dead-lettered by that consumer's `refuse` call, which counts
+    it, once."""
+    submitter = await make_manager(consume=False)
+    lacking = await make_manager(registry=Registry(), **traced.providers)
+    await lacking.create_queue(
+        QueueConfig(name="q", lease_seconds=0.2, max_deliveries=2)
+    )
+    await submitter.submit_task("orphan", "q", ok, 1)
+    assert (await submitter.wait_for_task("orphan", 10)).status is TaskStatus.FAILED
+
+    await eventually(
+        lambda: bool(traced.value("kew.task.dead_lettered")), what="the count"
+    )
+    assert traced.value("kew.task.dead_lettered") == 1
 
 
 BREAKER_MOVES = "kew.breaker.transitions"
