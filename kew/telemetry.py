@@ -67,10 +67,10 @@ Known limits:
   span link, or by `kew.task.id`. Likewise a task submitted with no SDK and
   no context of the caller has no `tp`: a traced consumer's process span for
   it roots a trace of its own that no event names.
-* Events that concern no attempt carry no trace id: `task.lost`,
-  `queue.configured` and `breaker.half_opened` (which the clock causes).
-  `breaker.opened` and `breaker.closed` carry the `tp` of the attempt whose
-  outcome caused them.
+* Events that concern no task carry no trace id: `queue.configured`,
+  `breaker.half_opened` (which the clock causes) and a `task.lost` whose task
+  is unknown. `breaker.opened` and `breaker.closed` carry the `tp` of the
+  attempt whose outcome caused them.
 * Queue wait is measured from the ready entry's id, the server time at which
   the task entered its ready stream (for a deferred task or a retry, when it
   became due), to the server time of the fetch that started it; both come
