@@ -42,13 +42,26 @@ class Attempt:
     ready: str
     timeout: float | None
     """Seconds the attempt may run, or None."""
+    deliveries: int = 1
+    """How many times its entry was delivered: 1 when a fetch read it, more
+    when it was taken over from a consumer that stopped renewing it."""
 
     @classmethod
     def from_row(cls, row: list[str]) -> Attempt:
-        _, task_id, entry, attempt, version, name, args, tp, ready, timeout_ms = row
+        _, task_id, entry, attempt, version, name, args, tp, ready, *rest = row
+        timeout_ms, deliveries = rest
         timeout = int(timeout_ms) / 1000 if timeout_ms and timeout_ms != "0" else None
         return cls(
-            task_id, entry, int(attempt), int(version), name, args, tp, ready, timeout
+            task_id,
+            entry,
+            int(attempt),
+            int(version),
+            name,
+            args,
+            tp,
+            ready,
+            timeout,
+            int(deliveries),
         )
 
 
@@ -124,11 +137,13 @@ async def refuse(
     expiry_seconds: int,
     lease_ms: int,
     timeout: float,
-) -> bool:
+) -> str:
     """Hand back an attempt whose task function this process does not have,
     for a consumer that has it (`refuse` in kew/lua/40_lease.lua): not a
     failure of the task, nor one the breaker counts. Logs what became of it;
-    returns True if the task ended (dead-lettered, or cancelled)."""
+    returns the task's state after it: "retry" (queued again after a lease),
+    "failed" (dead-lettered) or "cancelled", or "" if it was not handed back
+    (fenced, or the server could not be reached)."""
     level = keys.ready_all.index(attempt.ready) + 1
     try:
         reply = await functions.call(
@@ -155,7 +170,7 @@ async def refuse(
             attempt.task_id,
             exc,
         )
-        return False
+        return ""
     ok, state = str(reply[0]), str(reply[1])
     logger.warning(
         "consumer %s does not have task function %r of task %r (attempt %s) and "
@@ -167,4 +182,4 @@ async def refuse(
         attempt.attempt,
         _REFUSED.get(state, state) if ok == "ok" else state,
     )
-    return ok == "ok" and state != "retry"
+    return state if ok == "ok" else ""

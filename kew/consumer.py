@@ -204,20 +204,9 @@ class Consumer:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)
         try:
-            async with asyncio.timeout(RELEASE_TIMEOUT):
-                released = await functions.call(
-                    self.client,
-                    "release",
-                    self.keys.queue_keys,
-                    [
-                        self.name,
-                        self.keys.task_prefix,
-                        "its consumer shut down",
-                        self.expiry_seconds,
-                        self.keys.finished_channel,
-                    ],
-                )
-                await functions.guarded(self.client.delete(self.keys.worker(self.name)))
+            # Bookkeeping, like the renewals: no span of the application's.
+            with internal():
+                released = await self._release()
         except (KewError, TimeoutError) as exc:
             logger.warning(
                 "consumer %s could not hand back its entries (%s); they will be "
@@ -267,6 +256,25 @@ class Consumer:
                 self.keys.queue,
                 grace,
             )
+
+    async def _release(self) -> int:
+        """Hand back every entry still held, and drop the liveness key;
+        returns how many tasks went back."""
+        async with asyncio.timeout(RELEASE_TIMEOUT):
+            released = await functions.call(
+                self.client,
+                "release",
+                self.keys.queue_keys,
+                [
+                    self.name,
+                    self.keys.task_prefix,
+                    "its consumer shut down",
+                    self.expiry_seconds,
+                    self.keys.finished_channel,
+                ],
+            )
+            await functions.guarded(self.client.delete(self.keys.worker(self.name)))
+        return int(released)
 
     def cancel(self, task_id: str) -> bool:
         """Cancel the running task function of `task_id`, if it runs here."""
@@ -355,12 +363,14 @@ class Consumer:
             except BaseException:
                 self.slots.release(n)
                 raise
-            rows, next_due, gate, now, newest, allowed = cast(
-                tuple[list[list[str]], str, str, int, list[str], int], reply
+            rows, next_due, gate, now, newest, allowed, moved = cast(
+                tuple[list[list[str]], str, str, int, list[str], int, list[str]],
+                reply,
             )
             self.slots.release(n - self._dispatch(rows, int(now)))
         if self._weights is not None:
             self._picks(self._credit, int(allowed))
+        self.telemetry.breaker_moved(self.keys.queue, moved)
         if rows or self._stopping:
             return
         if gate.startswith("open:"):
@@ -464,11 +474,8 @@ class Consumer:
             self.telemetry.received(
                 self.keys.queue, attempt, server_now, taken_over=taken_over
             )
-            # A fetch reads only new entries: their first delivery. The count
-            # of a taken-over entry is not in the maintain reply.
-            delivery = None if taken_over else 1
             task = asyncio.create_task(
-                self._run(attempt, delivery), name=f"kew task {attempt.task_id}"
+                self._run(attempt), name=f"kew task {attempt.task_id}"
             )
             self.running[attempt.task_id, attempt.attempt] = (attempt, task)
             started += 1
@@ -476,13 +483,13 @@ class Consumer:
 
     # -- running ---------------------------------------------------------
 
-    async def _run(self, attempt: Attempt, delivery: int | None) -> None:
+    async def _run(self, attempt: Attempt) -> None:
         slot_held = True
         try:
             if self.registry.get(attempt.name) is None:
                 await self._refuse(attempt)
                 return
-            outcome = await self._execute(attempt, delivery)
+            outcome = await self._execute(attempt)
             # The function is done: its slot may start the next attempt while
             # this outcome is being recorded (the entry stays held and renewed).
             self.slots.release()
@@ -531,7 +538,7 @@ class Consumer:
     async def _refuse(self, attempt: Attempt) -> None:
         """Hand back an attempt whose task function is not registered here."""
         with internal():
-            ended = await refuse(
+            state = await refuse(
                 self.client,
                 self.keys,
                 attempt,
@@ -540,14 +547,14 @@ class Consumer:
                 lease_ms=int(self.config.lease_seconds * 1000),
                 timeout=self._call_timeout,
             )
-        if ended:
+        if state in ("failed", "cancelled"):
             self.on_finished(self.keys.queue, attempt.task_id)
+        if state == "failed":  # dead-lettered
+            self.telemetry.dead_letters(self.keys.queue, 1)
 
-    async def _execute(self, attempt: Attempt, delivery: int | None) -> Outcome:
+    async def _execute(self, attempt: Attempt) -> Outcome:
         """Run one attempt inside its process span."""
-        with self.telemetry.process(
-            self.keys.queue, self.name, attempt, delivery
-        ) as process:
+        with self.telemetry.process(self.keys.queue, self.name, attempt) as process:
             outcome = await self._attempt(attempt)
             process.ended(outcome)
             return outcome
@@ -596,7 +603,8 @@ class Consumer:
         there is none, or the history cannot be read."""
         a = outcome.attempt
         try:
-            events = await history(self.client, self.keys, a.task_id, 100)
+            with internal():
+                events = await history(self.client, self.keys, a.task_id, 100)
         except KewError:
             return None
         for event in reversed(events):
@@ -641,7 +649,10 @@ class Consumer:
             reply = await functions.call(
                 self.client, "finish", keys, args, timeout=self._call_timeout
             )
-        return functions.rows(reply)
+        rows = functions.rows(reply)
+        moved = [row[4] for row in rows if row[0] == "ok" and row[4]]
+        self.telemetry.breaker_moved(self.keys.queue, moved)
+        return rows
 
     # -- leases ----------------------------------------------------------
 
@@ -711,9 +722,21 @@ class Consumer:
         return args
 
     def _after_maintain(self, room: int, reply: Any) -> None:
-        lost, rows, cancel, next_due, now, lease_ms = cast(
-            tuple[list[list[str]], list[list[str]], list[str], str, int, int], reply
+        lost, rows, cancel, next_due, now, lease_ms, moved, dead_lettered = cast(
+            tuple[
+                list[list[str]],
+                list[list[str]],
+                list[str],
+                str,
+                int,
+                int,
+                list[str],
+                int,
+            ],
+            reply,
         )
+        self.telemetry.breaker_moved(self.keys.queue, moved)
+        self.telemetry.dead_letters(self.keys.queue, int(dead_lettered))
         self._lease = min(self.config.lease_seconds, int(lease_ms) / 1000)
         self._next_due = None
         self._note_due(next_due, now)

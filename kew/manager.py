@@ -56,7 +56,7 @@ from kew.permits import Permits, SharedCapacity, Slots
 from kew.reads import NOT_CONNECTED, QueueHandle, Reads
 from kew.registry import Registry
 from kew.registry import registry as default_registry
-from kew.sampler import sample_forever
+from kew.sampler import sample, sample_forever, sample_last
 from kew.server import EmbeddedServer
 from kew.status import (
     prune_consumers,
@@ -249,6 +249,10 @@ class TaskQueueManager(Reads):
             *(c.stop(wait=wait, timeout=timeout) for c in consumers),
             return_exceptions=True,
         )
+        if self._client is not None:
+            await sample_last(
+                self._telemetry, self._client, list(self._queues.values())
+            )
         if self._waiters is not None:
             await self._waiters.close()
             self._waiters = None
@@ -308,6 +312,7 @@ class TaskQueueManager(Reads):
         logger.info("queue %s %s", config.name, outcome)
         if self.consume:
             await self._consume(queue)
+        await sample(self._telemetry, client, [queue])
 
     async def attach_queue(self, name: str) -> QueueConfig:
         """Run the tasks of a queue created elsewhere (by another process), with
@@ -317,6 +322,7 @@ class TaskQueueManager(Reads):
         queue = await self._queue(name)
         if queue.consumer is None:
             await self._consume(queue)
+            await sample(self._telemetry, self.client, [queue])
         return queue.config
 
     async def _consume(self, queue: QueueHandle) -> None:

@@ -22,7 +22,11 @@ Spans follow the messaging conventions, which upstream still marks
   to the send span, which keeps a request that fans out thousands of tasks
   from becoming one enormous trace. The mark travels with the task, so
   whichever process runs it follows the submitter's choice; `tp` is opaque to
-  the functions and the projections.
+  the functions and the projections. `kew.delivery_count` counts the
+  deliveries of the attempt's entry: 1 for one a fetch read, more for one
+  taken over from a consumer that stopped renewing it (each takeover is a
+  delivery; past `max_deliveries` the task is dead-lettered). A retry is a
+  new entry, whose count starts again.
 * Nothing for polls, waits or lease renewals. Their Redis commands run in a
   context with OpenTelemetry's suppression key set (`internal`), so an
   application that instruments redis-py gets no span for them either. So do
@@ -32,12 +36,17 @@ Spans follow the messaging conventions, which upstream still marks
   `wait_for_task`; else each would be a root span of its own. The `submit`
   call is not suppressed: it is the child of its send span.
 
-Metrics are listed in `Telemetry.__init__`. Queue-level ones (depth by state,
-breaker state and transitions) are sampled from the server every
-`SAMPLE_SECONDS` by a task of the manager (kew.sampler), only while a meter
-provider of an SDK is in place (else the sampler reads nothing). Dead
-letters are counted by the same task, once: by the process whose consumer
-dead-lettered the task.
+Metrics are listed in `Telemetry.__init__`. Counts are taken where things
+happen: breaker transitions and dead letters are reported in the replies of
+the functions that make them (fetch, maintain and finish; refuse, whose
+dead letters the breaker does not count) and counted by the process that
+made the call, so each is counted once however many processes share the
+queue. The gauges (depth by state, breaker state) are sampled from
+the server by the manager (kew.sampler): when a queue is created or
+attached, every `SAMPLE_SECONDS` after that, and once more at shutdown; only
+while a meter provider of an SDK is in place (else the sampler reads
+nothing). A transition also sets the breaker gauge of the process that made
+it at once.
 
 While the providers are the API's own (no SDK), kew skips spans and metric
 calls altogether and only passes on a context the caller holds. Whether they
@@ -51,26 +60,28 @@ Known limits:
   (the functions store one opaque `tp` string, and baggage would need a size
   cap), so vendor state in tracestate and baggage entries set by the
   submitter are not seen by the task function.
-* `kew.delivery_count` is set on fresh deliveries (always 1: the fetch reads
-  only new entries). A taken-over attempt goes without it: `maintain` knows
-  the count (it compares it with `max_deliveries`) but its rows, shared with
-  `fetch`, do not carry it, and the attempt number is no substitute (a retry
-  is a new entry whose count starts again). Takeovers are counted in
-  `kew.task.redeliveries` instead.
+* The log joins a task to its creation context only. With
+  `trace_links_only` the events carry the submitter's trace id; the traces
+  the attempts start appear in no event (the process span is made after the
+  `fetch` that wrote `task.started`); reach them from the log through the
+  span link, or by `kew.task.id`. Likewise a task submitted with no SDK and
+  no context of the caller has no `tp`: a traced consumer's process span for
+  it roots a trace of its own that no event names.
+* Events that concern no task carry no trace id: `queue.configured`,
+  `breaker.half_opened` (which the clock causes) and a `task.lost` whose task
+  is unknown. `breaker.opened` and `breaker.closed` carry the `tp` of the
+  attempt whose outcome caused them.
 * Queue wait is measured from the ready entry's id, the server time at which
   the task entered its ready stream (for a deferred task or a retry, when it
   became due), to the server time of the fetch that started it; both come
   from the server's clock. The fetch row does not carry the submit time, and
   the entry id needs no change to the functions. Taken-over attempts are not
   measured: their entry dates from the previous attempt.
-* Queue-level gauges and breaker transitions are sampled by every manager
-  that has a meter provider: with several processes each reports the same
-  queue, so aggregate them with max or last value, not sum. Breaker
-  transitions are seen at sampling time; a breaker that opens and closes
-  again between two samples is not counted. Dead letters are not affected:
-  each is counted once (see kew.sampler), up to `SAMPLE_SECONDS` late, by
-  the process that caused it; none is counted if that process has no meter
-  provider, or if the task was requeued before its sampler looked.
+* The gauges are sampled by every manager that has a meter provider: with
+  several processes each reports the same queue, so aggregate them with max
+  or last value, not sum. A breaker transition or dead letter is not counted
+  when the process that made it has no meter provider, or when the reply of
+  its call was lost (the connection dropped after the server ran it).
 """
 
 from __future__ import annotations
@@ -282,7 +293,6 @@ class Process:
     __slots__ = (
         "_attempt",
         "_consumer",
-        "_delivery",
         "_queue",
         "_started",
         "_telemetry",
@@ -297,13 +307,11 @@ class Process:
         queue: str,
         consumer: str,
         attempt: Attempt,
-        delivery: int | None,
     ) -> None:
         self._telemetry = telemetry
         self._queue = queue
         self._consumer = consumer
         self._attempt = attempt
-        self._delivery = delivery
         self._token: Token[Context] | None = None
         self._started = 0.0
         self.span: Span = trace.INVALID_SPAN
@@ -331,9 +339,8 @@ class Process:
             KEW_TASK_ID: attempt.task_id,
             KEW_TASK_NAME: attempt.name,
             KEW_TASK_ATTEMPT: attempt.attempt,
+            KEW_DELIVERY_COUNT: attempt.deliveries,
         }
-        if self._delivery is not None:
-            attributes[KEW_DELIVERY_COUNT] = self._delivery
         parent, links = _creation(attempt.tp)
         self.span = t.tracer.start_span(
             f"process {self._queue}",
@@ -441,7 +448,9 @@ class Telemetry:
             BREAKER_STATE, "1", "The breaker: 0 closed, 1 half open, 2 open (sampled)."
         )
         self.breaker_transitions = meter.create_counter(
-            BREAKER_TRANSITIONS, "{transition}", "Breaker state changes (sampled)."
+            BREAKER_TRANSITIONS,
+            "{transition}",
+            "Breaker state changes, by the state entered (kew.breaker.state).",
         )
         self._attributes: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.tracing = False
@@ -496,11 +505,24 @@ class Telemetry:
             waited = max(server_now - entry_ms(attempt.entry), 0) / 1000
             self.queue_wait.record(waited, attributes)
 
-    def process(
-        self, queue: str, consumer: str, attempt: Attempt, delivery: int | None
-    ) -> Process:
+    def process(self, queue: str, consumer: str, attempt: Attempt) -> Process:
         """The span of an attempt (use it as a context manager)."""
-        return Process(self, queue, consumer, attempt, delivery)
+        return Process(self, queue, consumer, attempt)
+
+    def breaker_moved(self, queue: str, states: Sequence[str]) -> None:
+        """Count the breaker transitions a function call reported (the states
+        it entered, in order), and set the state gauge to the last one."""
+        if not states or not self.metering:
+            return
+        base = self.attributes(queue)
+        for state in states:
+            self.breaker_transitions.add(1, {**base, KEW_BREAKER_STATE: state})
+        self.breaker_state.set(BREAKER_LEVELS.get(states[-1], 0), base)
+
+    def dead_letters(self, queue: str, count: int) -> None:
+        """Count the tasks a `maintain` call of this process dead-lettered."""
+        if count and self.metering:
+            self.dead_lettered.add(count, self.attributes(queue))
 
     # -- sampling the queues -------------------------------------------------
 

@@ -8,9 +8,11 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, cast
 
@@ -47,9 +49,11 @@ from kew import (
     functions,
     telemetry,
 )
+from kew.attempts import Attempt, Outcome
 from kew.cli import demo
-from kew.events.models import TaskSubmitted
+from kew.events.models import TaskStarted, TaskSubmitted
 from kew.keys import QueueKeys
+from kew.registry import Registry
 
 from .conftest import eventually
 
@@ -254,7 +258,8 @@ async def test_a_taken_over_attempt_reuses_the_creation_context(
     prefix: str,
 ) -> None:
     """An attempt taken over from a silent consumer is another child of the
-    send span, counted as a redelivery and without a delivery count."""
+    send span, counted as a redelivery, with its entry's delivery count (2:
+    the silent consumer's fetch, then the takeover)."""
     submitter = await make_manager(consume=False, **traced.providers)
     await submitter.create_queue(QueueConfig(name="q", lease_seconds=0.3))
     await submitter.submit_task("t", "q", ok, 7)
@@ -278,7 +283,7 @@ async def test_a_taken_over_attempt_reuses_the_creation_context(
     assert process.parent is not None
     assert process.parent.span_id == ctx(send).span_id
     assert attrs(process)["kew.task.attempt"] == 2
-    assert "kew.delivery_count" not in attrs(process)
+    assert attrs(process)["kew.delivery_count"] == 2
     assert traced.value("kew.task.redeliveries", messaging_destination_name="q") == 1
 
 
@@ -449,6 +454,31 @@ async def test_polling_makes_no_spans_and_is_hidden_from_instrumentations(
     assert commands.of("submit") == [("submit", False, "send q")]
 
 
+async def test_reading_back_an_outcome_recorded_before_is_suppressed(
+    manager: TaskQueueManager, commands: CommandLog
+) -> None:
+    """When a repeated `finish` is refused because the first call was
+    recorded after all, the consumer finds its outcome in the task's
+    history; that read is bookkeeping, hidden from instrumentations."""
+    await manager.create_queue(QueueConfig(name="q"))
+    await manager.submit_task("t", "q", ok, 1)
+    assert (await manager.wait_for_task("t", 10)).status is TaskStatus.COMPLETED
+    events = await manager.get_task_history("t")
+    started = next(e for e in events if isinstance(e, TaskStarted))
+    succeeded = events[-1]
+    attempt = Attempt("t", started.entry, 1, 2, "ok", "{}", "", "ready", None)
+    consumer = manager._queues["q"].consumer  # pyright: ignore[reportPrivateUsage]
+    assert consumer is not None
+
+    before = len(commands.of("history"))
+    row = await consumer._recorded_before(  # pyright: ignore[reportPrivateUsage]
+        Outcome(attempt, "succeeded", "1", "{}")
+    )
+    assert row == ["ok", succeeded.id, "completed", ""]
+    reads = commands.of("history")[before:]
+    assert reads == [("history", True, "")]
+
+
 async def test_metrics_count_sends_and_attempts_without_task_ids(
     make_manager: MakeManager, traced: Traced
 ) -> None:
@@ -499,9 +529,10 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
     prefix: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The sampler sets depth by state and the breaker gauge, and counts
-    breaker transitions; a dead letter is counted once, by the process whose
-    consumer dead-lettered it, not by every process that consumes the queue."""
+    """The sampler sets depth by state and the breaker gauge; a dead letter,
+    and the breaker transition it causes, are counted once, by the process
+    whose consumer dead-lettered the task, not by every process that
+    consumes the queue."""
     monkeypatch.setattr(telemetry, "SAMPLE_SECONDS", 0.02)
     manager = await make_manager(consume=False, **traced.providers)
     config = QueueConfig(
@@ -537,24 +568,139 @@ async def test_queue_depth_breaker_and_dead_letters_are_sampled(
         await second.attach_queue("q")
         await manager.attach_queue("q")
 
-        def counted() -> list[int]:
-            values = (t.value("kew.task.dead_lettered") for t in (traced, other))
+        def counted(metric: str, **match: Any) -> list[int]:
+            values = (t.value(metric, **match) for t in (traced, other))
             return [value or 0 for value in values]
 
-        await eventually(lambda: sum(counted()) >= 1, what="a dead letter counted")
+        await eventually(
+            lambda: sum(counted("kew.task.dead_lettered")) >= 1,
+            what="a dead letter counted",
+        )
         await eventually(
             lambda: depth("dead_lettered") == depth("dead_lettered", other) == 1,
             what="the dead letter sampled by both processes",
         )
-        # Both sampled it; only the one whose consumer caused it counted it.
-        assert sorted(counted()) == [0, 1]
+        # Both sampled it; only the one whose consumer caused it counted it,
+        # and the transition to open its final failure caused.
+        dead_letters = counted("kew.task.dead_lettered")
+        assert sorted(dead_letters) == [0, 1]
+        opened = counted("kew.breaker.transitions", kew_breaker_state="open")
+        assert opened == dead_letters
+        for t in (traced, other):
+            states = {a["kew.breaker.state"] for a, _ in t.points(BREAKER_MOVES)}
+            assert states <= {"open"}
+        await eventually(
+            lambda: traced.value("kew.breaker.state") == 2, what="open sampled"
+        )
     finally:
         other.meter_provider.shutdown()
 
-    # That final failure opened the breaker.
-    await eventually(lambda: traced.value("kew.breaker.state") == 2, what="open")
-    transitions = traced.points("kew.breaker.transitions")
-    assert [(a["kew.breaker.state"], p.value) for a, p in transitions] == [("open", 1)]
+
+async def test_a_dead_letter_of_refusals_is_counted_by_the_refusing_consumer(
+    make_manager: MakeManager, traced: Traced
+) -> None:
+    """A task handed back max_deliveries times by a consumer that lacks its
+    function is dead-lettered by that consumer's `refuse` call, which counts
+    it, once."""
+    submitter = await make_manager(consume=False)
+    lacking = await make_manager(registry=Registry(), **traced.providers)
+    await lacking.create_queue(
+        QueueConfig(name="q", lease_seconds=0.2, max_deliveries=2)
+    )
+    await submitter.submit_task("orphan", "q", ok, 1)
+    assert (await submitter.wait_for_task("orphan", 10)).status is TaskStatus.FAILED
+
+    await eventually(
+        lambda: bool(traced.value("kew.task.dead_lettered")), what="the count"
+    )
+    assert traced.value("kew.task.dead_lettered") == 1
+
+
+BREAKER_MOVES = "kew.breaker.transitions"
+
+
+def transitions(*of: Traced) -> Counter[str]:
+    """The breaker transitions counted by each of `of`, summed, by the state
+    entered."""
+    counted: Counter[str] = Counter()
+    for t in of:
+        for attributes, point in t.points(BREAKER_MOVES):
+            counted[attributes["kew.breaker.state"]] += point.value
+    return counted
+
+
+async def test_breaker_transitions_are_counted_once_as_they_happen(
+    make_manager: MakeManager, traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """closed -> open -> half_open -> closed, on a queue two metered
+    processes consume, gives exactly one transition point per state entered
+    (each process counts the transitions its own calls made; no sampling is
+    involved); breaker.opened and breaker.closed carry the trace id of the
+    attempt that caused them."""
+    monkeypatch.setattr(telemetry, "SAMPLE_SECONDS", 3600)
+    config = QueueConfig(
+        name="q", circuit_breaker_max_failures=1, circuit_breaker_reset_timeout=0.2
+    )
+    first = await make_manager(**traced.providers)
+    await first.create_queue(config)
+    other = Traced()
+    try:
+        second = await make_manager(meter_provider=other.meter_provider)
+        await second.attach_queue("q")
+        await first.submit_task("bad", "q", broken)
+        assert (await first.wait_for_task("bad", 10)).status is TaskStatus.FAILED
+        await first.submit_task("good", "q", ok, 1)
+        assert (await first.wait_for_task("good", 10)).status is TaskStatus.COMPLETED
+
+        await eventually(
+            lambda: transitions(traced, other)["closed"] >= 1, what="closed counted"
+        )
+        assert transitions(traced, other) == {"open": 1, "half_open": 1, "closed": 1}
+    finally:
+        other.meter_provider.shutdown()
+
+    sends = {attrs(s)["kew.task.id"]: s for s in traced.finished("send q")}
+    lines = [line async for line in first.export_log("q")]
+    moves = [line for line in lines if line["type"].startswith("breaker.")]
+    breaker = {line["type"]: line for line in moves}
+    assert [line["type"] for line in moves] == [
+        "breaker.opened",
+        "breaker.half_opened",
+        "breaker.closed",
+    ]
+    assert breaker["breaker.opened"]["trace_id"] == trace_id(sends["bad"])
+    assert breaker["breaker.closed"]["trace_id"] == trace_id(sends["good"])
+    assert breaker["breaker.half_opened"].get("trace_id") is None
+
+
+def trace_id(span: ReadableSpan) -> str:
+    return format(ctx(span).trace_id, "032x")
+
+
+async def test_gauges_are_sampled_when_a_queue_is_created_attached_or_left(
+    make_manager: MakeManager, traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Depth gauges reach the metric reader as soon as a queue is created or
+    attached, and once more at shutdown, without waiting for the sampling
+    interval (a short-lived process would otherwise export none)."""
+    monkeypatch.setattr(telemetry, "SAMPLE_SECONDS", 3600)
+    manager = await make_manager(consume=False, **traced.providers)
+    await manager.create_queue(QueueConfig(name="q"))
+    assert traced.value("kew.queue.depth", kew_queue_state="deferred") == 0
+    assert traced.value("kew.breaker.state") == 0
+
+    for task_id in ("a", "b"):
+        await manager.submit_task(task_id, "q", ok, 1, _defer_by=60)
+    other = Traced()
+    try:
+        attached = await make_manager(meter_provider=other.meter_provider)
+        await attached.attach_queue("q")
+        assert other.value("kew.queue.depth", kew_queue_state="deferred") == 2
+    finally:
+        other.meter_provider.shutdown()
+
+    await manager.shutdown()
+    assert traced.value("kew.queue.depth", kew_queue_state="deferred") == 2
 
 
 async def test_a_global_tracer_provider_set_later_is_used(
@@ -650,7 +796,8 @@ async def test_with_redis_py_instrumented_a_task_has_no_orphan_redis_spans(
 ) -> None:
     """With the real RedisInstrumentor, an idle consumer makes no Redis spans,
     and a task's spans are send, its submit FCALL under it, and process: no
-    root span comes from recording the outcome or from wait_for_task."""
+    root span comes from recording the outcome, from wait_for_task, or from
+    shutdown (handing back entries, the last sample of the gauges)."""
     manager = await make_manager(**traced.providers)
     await manager.create_queue(QueueConfig(name="q", lease_seconds=0.3))
 
@@ -679,8 +826,11 @@ async def test_with_redis_py_instrumented_a_task_has_no_orphan_redis_spans(
         await eventually(
             lambda: len(commands.of("maintain")) > renewals, what="one more renewal"
         )
+        await manager.shutdown()
     finally:
         instrumentor.uninstrument()
+
+    assert commands.of("release")
 
     (send,) = traced.finished("send q")
     (process,) = traced.finished("process q")
@@ -878,7 +1028,8 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
     redis_url: str, collector: Collector
 ) -> None:
     """`kew demo --otlp-endpoint URL` sends its traces and metrics there: the
-    span tree, and kew's metrics by name."""
+    span tree, and kew's metrics by name, the sampled gauges included (the
+    demo ends long before the sampling interval)."""
     argv = [sys.executable, "-m", "kew", "--redis-url", redis_url, "demo"]
     argv += ["--tasks", "3", "--workers", "3", "--otlp-endpoint", collector.url]
     done = await asyncio.to_thread(
@@ -886,6 +1037,7 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
     )
     assert done.returncode == 0, done.stderr
     assert re.search(r"Trace id of the demo: [0-9a-f]{32}", done.stdout), done.stdout
+    assert f"Sent traces and metrics to {collector.url}." in done.stdout
 
     assert {path for path, _, _ in collector.posts} == {"/v1/traces", "/v1/metrics"}
     spans = spans_by_name_and_task(collector.traces(), "kew-demo")
@@ -903,11 +1055,39 @@ async def test_kew_demo_exports_to_an_otlp_endpoint(
         "messaging.client.consumed.messages",
         "messaging.process.duration",
         "kew.task.queue_wait",
+        "kew.queue.depth",
+        "kew.breaker.state",
     } <= collector.metric_names()
+
+
+async def test_kew_demo_says_when_the_endpoint_is_unreachable(redis_url: str) -> None:
+    """With nothing listening at --otlp-endpoint, the demo says it could not
+    send its traces and metrics there, and exits 1."""
+    with socket.socket() as taken:
+        # Bound, never listening: connections to it are refused.
+        taken.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        argv = [sys.executable, "-m", "kew", "--redis-url", redis_url, "demo"]
+        argv += ["--tasks", "2", "--workers", "2", "--otlp-endpoint", url]
+        env = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env=env,
+        )
+    assert done.returncode == 1, done.stdout
+    assert "Sent traces" not in done.stdout
+    said = " ".join(done.stderr.split())
+    assert f"Could not send the demo's traces and metrics to {url!r}" in said, said
 
 
 def test_the_demo_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without kew[otel], --otlp-endpoint fails with a message naming the extra."""
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.delitem(sys.modules, "kew.cli.otlp", raising=False)
     with pytest.raises(ConfigurationError, match=r"pip install 'kew\[otel\]'"):
-        demo._otlp_providers("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]
+        demo._otlp_export("http://127.0.0.1:4318")  # pyright: ignore[reportPrivateUsage]

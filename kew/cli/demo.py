@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
 
+    from kew.cli.otlp import OtlpExport
+
 from kew.cli.base import AddParser, positive_int
 from kew.cli.output import Column, Output, show_value, timeline
 
@@ -85,15 +87,31 @@ def add_demo(add_parser: AddParser) -> None:
 
 async def demo(args: argparse.Namespace) -> int:
     console = Output().console
-    providers = _otlp_providers(args.otlp_endpoint) if args.otlp_endpoint else None
+    if not args.otlp_endpoint:
+        return await _demo(console, args, None)
+    export = _otlp_export(args.otlp_endpoint)
     try:
-        return await _demo(console, args, providers)
+        code = await _demo(
+            console, args, (export.tracer_provider, export.meter_provider)
+        )
     finally:
-        if providers is not None:
-            # Blocking HTTP: the last batches of spans and metric points.
-            for provider in providers:
-                await asyncio.to_thread(provider.shutdown)
-            console.print(f"Sent traces and metrics to {args.otlp_endpoint}.")
+        # Blocking HTTP: the last batches of spans and metric points.
+        failed = await asyncio.to_thread(export.close)
+        _say_what_was_sent(console, export.endpoint, failed)
+    return 1 if failed else code
+
+
+def _say_what_was_sent(console: Console, endpoint: str, failed: set[str]) -> None:
+    if not failed:
+        console.print(f"Sent traces and metrics to {endpoint}.")
+        return
+    what = " and ".join(signal for signal in ("traces", "metrics") if signal in failed)
+    Console(stderr=True).print(
+        f"Could not send the demo's {what} to {endpoint!r}: the OTLP exporter "
+        "gave up (its log lines above say why). Check that an OTLP/HTTP "
+        "collector listens there, e.g. Jaeger on port 4318.",
+        style="bold red",
+    )
 
 
 async def _demo(
@@ -183,38 +201,16 @@ async def _run_demo(
 _Providers = tuple["TracerProvider", "MeterProvider"]
 
 
-def _otlp_providers(endpoint: str) -> _Providers:
-    """An SDK tracer and meter provider exporting over OTLP/HTTP to the base
-    URL `endpoint` (traces to /v1/traces, metrics to /v1/metrics)."""
+def _otlp_export(endpoint: str) -> OtlpExport:
+    """SDK providers exporting over OTLP/HTTP to the base URL `endpoint`."""
     try:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter,
-        )
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter,
-        )
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from kew.cli.otlp import OtlpExport
     except ImportError as exc:
         raise ConfigurationError(
             f"--otlp-endpoint needs the OpenTelemetry SDK and its OTLP exporter "
             f"({exc.name} is missing): pip install 'kew[otel]'."
         ) from None
-    base = endpoint.rstrip("/")
-    resource = Resource.create({"service.name": "kew-demo"})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
-    )
-    reader = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=f"{base}/v1/metrics"),
-        export_interval_millis=5_000,
-    )
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-    return tracer_provider, meter_provider
+    return OtlpExport(endpoint, "kew-demo")
 
 
 async def _report(

@@ -45,11 +45,13 @@ local LEVELS = {'high', 'medium', 'low'}
 local UNFINISHED = {'queued', 'scheduled', 'retry', 'processing'}
 local QUEUE_KEYS = 11
 
+-- The queue's keys, and `transitions`: the states the breaker entered during
+-- this call, in order (see breaker_event).
 local function queue(keys)
   return {
     log = keys[1], stats = keys[2], config = keys[3], breaker = keys[4],
     sched = keys[5], ready = {keys[6], keys[7], keys[8]}, dlq = keys[9],
-    ended = keys[10], pending = keys[11],
+    ended = keys[10], pending = keys[11], transitions = {},
   }
 end
 

@@ -29,6 +29,14 @@ dead letter, so a lost consumer never leaves the breaker stuck half-open.
 
 The hash holds state, failures, until, trials, version and last_event, all
 written together; version and last_event move with each breaker.* event.
+
+Each transition is also noted in the call's `Q.transitions`, which fetch,
+maintain and finish return: the process that made the call counts it in its
+metrics, so every transition is counted once, whichever process samples the
+queue. breaker.opened and breaker.closed carry the `tp` of the attempt whose
+outcome caused them, so the log leads to the trace of the task that tripped
+(or closed) the breaker; breaker.half_opened follows from the clock alone and
+carries none.
 ]]
 
 local function breaker_read(Q)
@@ -47,17 +55,20 @@ local function breaker_write(Q, b)
     'last_event', b.last_event)
 end
 
-local function breaker_event(Q, b, etype, actor, data)
-  b.last_event = append(Q.log, etype, nil, nil, nil, actor, nil, data)
+-- Record the transition to b.state (already set): its event, and a note
+-- in the call's reply.
+local function breaker_event(Q, b, etype, actor, data, tp)
+  b.last_event = append(Q.log, etype, nil, nil, nil, actor, tp, data)
   b.version = b.version + 1
+  Q.transitions[#Q.transitions + 1] = b.state
 end
 
-local function breaker_open(Q, b, cfg, actor, now, reason)
+local function breaker_open(Q, b, cfg, actor, now, reason, tp)
   b.state = 'open'
   b.until_ms = now + cfg.reset_ms
   breaker_event(Q, b, 'breaker.opened', actor, '{"reason":' ..
     json_string(reason) .. ',"failures":' .. b.failures .. ',"until":' ..
-    b.until_ms .. '}')
+    b.until_ms .. '}', tp)
 end
 
 --[[
@@ -93,9 +104,10 @@ end
 Record an attempt's outcome in the breaker.
 outcome: 'succeeded', 'failed' (final or not) or 'released' (a trial that
 ended without a verdict: interrupted, released, cancelled). `trial`: the
-attempt was a trial, which frees its slot.
+attempt was a trial, which frees its slot. `tp`: the attempt's task's, for
+the event of a transition it causes (a release causes none).
 ]]
-local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial)
+local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial, tp)
   local b = breaker_read(Q)
   local before = b.failures .. b.state .. b.trials
   if trial and b.trials > 0 then
@@ -107,16 +119,16 @@ local function breaker_outcome(Q, cfg, actor, now, outcome, final, trial)
       b.state = 'closed'
       b.until_ms = 0
       breaker_event(Q, b, 'breaker.closed', actor,
-        '{"reason":"a trial succeeded"}')
+        '{"reason":"a trial succeeded"}', tp)
     end
   elseif outcome == 'failed' then
     if final then
       b.failures = b.failures + 1
     end
     if trial and b.state == 'half_open' then
-      breaker_open(Q, b, cfg, actor, now, 'a trial failed')
+      breaker_open(Q, b, cfg, actor, now, 'a trial failed', tp)
     elseif b.state == 'closed' and final and b.failures >= cfg.max_failures then
-      breaker_open(Q, b, cfg, actor, now, 'consecutive failures')
+      breaker_open(Q, b, cfg, actor, now, 'consecutive failures', tp)
     end
   end
   if before ~= b.failures .. b.state .. b.trials then

@@ -70,10 +70,13 @@ end
 Start one attempt of the task behind a ready entry this consumer now holds.
 Called for entries read by `fetch` and taken over by `maintain`.
 
-`reclaim` is nil for a fresh delivery, or {previous owner, idle ms} when the
-entry was taken over from a consumer that stopped renewing it. `gate` is the
-breaker's (see breaker_gate); a trial slot is taken from it. Returns a row:
-  {'started', task_id, entry, attempt, version, name, args, tp, ready, timeout}
+`reclaim` is nil for a fresh delivery, or {previous owner, idle ms,
+deliveries} when the entry was taken over from a consumer that stopped
+renewing it. `gate` is the breaker's (see breaker_gate); a trial slot is taken
+from it. Returns a row:
+  {'started', task_id, entry, attempt, version, name, args, tp, ready, timeout,
+   deliveries}
+where deliveries is the entry's delivery count (1 for a fresh delivery),
 or {'skipped', task_id, entry, why} when nothing is to run: the entry is then
 acknowledged and deleted (or handed back, if the breaker holds it).
 ]]
@@ -149,8 +152,9 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   if new_trial then
     redis.call('HSET', task, 'trial', '1')
   end
+  local deliveries = reclaim and reclaim[3] or 1
   return {'started', task_id, entry_id, attempt, tostring(version), t.name, t.args,
-    t.tp or '', ready, t.timeout_ms}
+    t.tp or '', ready, t.timeout_ms, deliveries}
 end
 
 -- The newest entry id of each ready stream: a consumer that found nothing
@@ -198,9 +202,10 @@ KEYS: the queue's keys
 ARGV: consumer, count, task key prefix, expiry seconds, finished channel,
       then optionally the picks of a weighted order (see read_plan)
 Returns {rows, next due time or '', gate, server time, newest entry ids,
-allowed} where gate is '' (closed), 'open:<until ms>' or 'half_open:<n>' (n
-trial slots left free after this call), and allowed is how many entries the
-call could take (the count, capped by the breaker): the picks it used.
+allowed, breaker transitions} where gate is '' (closed), 'open:<until ms>' or
+'half_open:<n>' (n trial slots left free after this call), allowed is how many
+entries the call could take (the count, capped by the breaker): the picks it
+used, and the transitions are the states the breaker entered.
 ]]
 local function fetch(keys, args)
   local Q = queue(keys)
@@ -211,7 +216,8 @@ local function fetch(keys, args)
   local next_due = promote(Q, task_prefix, env.consumer, env.now, 100)
   local gate = breaker_gate(Q, cfg, env.consumer, env.now)
   if gate.open then
-    return {{}, next_due, 'open:' .. gate.until_ms, env.now, last_ids(Q), 0}
+    return {{}, next_due, 'open:' .. gate.until_ms, env.now, last_ids(Q), 0,
+      Q.transitions}
   end
   if gate.half_open then
     remaining = math.min(remaining, gate.room)
@@ -244,7 +250,7 @@ local function fetch(keys, args)
   if gate.half_open then
     label = 'half_open:' .. gate.room
   end
-  return {rows, next_due, label, env.now, last_ids(Q), allowed}
+  return {rows, next_due, label, env.now, last_ids(Q), allowed, Q.transitions}
 end
 
 local FINISH_ARGS = 9
@@ -266,8 +272,9 @@ pending entry's owner is this consumer (XACK alone checks none of that). The
 version may have moved on: a cancel request adds an event while the attempt
 runs, and does not make its outcome stale. (`version` is still passed, for the
 log line of a refusal.) Returns per
-attempt {'ok', event id, new state, due time of a retry or ''} or
-{'fenced', why}.
+attempt {'ok', event id, new state, due time of a retry or '', breaker} or
+{'fenced', why}, where breaker is the state the attempt's outcome moved the
+breaker to, or ''.
 ]]
 local function finish(keys, args)
   local Q = queue(keys)
@@ -314,6 +321,7 @@ local function finish(keys, args)
       local retries = tonumber(t[11]) or 0
       local retry = outcome == 'failed' and retries < tonumber(t[9] or '0')
       local state, eid, due
+      local transitions = #Q.transitions
       drop_entry(Q, ready, entry_id)
       if outcome == 'succeeded' then
         state = 'completed'
@@ -321,7 +329,7 @@ local function finish(keys, args)
           data)
         redis.call('HSET', task, 'result', value)
         redis.call('HDEL', task, 'error')
-        breaker_outcome(Q, cfg, consumer, now, 'succeeded', true, trial)
+        breaker_outcome(Q, cfg, consumer, now, 'succeeded', true, trial, tp)
       elseif outcome == 'cancelled' then
         state = 'cancelled'
         eid = append(Q.log, 'task.cancelled', task_id, t[3], attempt, consumer, tp,
@@ -333,7 +341,7 @@ local function finish(keys, args)
         eid = append(Q.log, 'task.failed', task_id, t[3], attempt, consumer, tp,
           string.sub(data, 1, -2) .. ',"retry":' .. tostring(retry) .. '}')
         redis.call('HSET', task, 'error', value)
-        breaker_outcome(Q, cfg, consumer, now, 'failed', not retry, trial)
+        breaker_outcome(Q, cfg, consumer, now, 'failed', not retry, trial, tp)
         state = 'failed'
         if retry then
           state = 'retry'
@@ -359,7 +367,8 @@ local function finish(keys, args)
         redis.call('HSET', task, 'finished_at', ms_of(eid))
         ended(Q, task, task_id, eid, expiry, channel)
       end
-      rows[#rows + 1] = {'ok', eid, state, due or ''}
+      rows[#rows + 1] = {'ok', eid, state, due or '',
+        Q.transitions[transitions + 1] or ''}
     end
   end
   return rows

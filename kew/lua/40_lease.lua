@@ -49,9 +49,11 @@ local function dead_letter(Q, cfg, env, ready, task, task_id, entry_id,
   if refused then
     breaker_outcome(Q, cfg, env.consumer, env.now, 'released', false, t.trial)
   else
-    breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial)
+    breaker_outcome(Q, cfg, env.consumer, env.now, 'failed', true, t.trial,
+      t.tp)
   end
   ended(Q, task, task_id, eid, false, env.channel)
+  env.dead_lettered = (env.dead_lettered or 0) + 1
 end
 
 --[[
@@ -215,7 +217,8 @@ ARGV: consumer, lease ms (used if the stored config has none), liveness ttl
       expiry seconds, finished channel, then per ready stream (high, medium,
       low): a count n followed by n pairs of held entry id and task id
 Returns {lost rows (see renew), rows (see start_entry), task ids asked to
-cancel, next due time or '', server time, lease ms}.
+cancel, next due time or '', server time, lease ms, breaker transitions (see
+fetch), how many tasks it dead-lettered}.
 
 The takeover finds lapsed entries with XPENDING IDLE, then claims each with
 XCLAIM, rather than with XAUTOCLAIM: the task.reclaimed event names the
@@ -241,7 +244,7 @@ local function maintain(keys, args)
   local lease = cfg.lease_ms or tonumber(args[2])
   local room = tonumber(args[6])
   local env = {consumer = consumer, now = now_ms(), expiry = args[7],
-    channel = args[8], task_prefix = task_prefix}
+    channel = args[8], task_prefix = task_prefix, dead_lettered = 0}
   redis.call('SET', keys[QUEUE_KEYS + 1], args[4], 'PX', args[3])
   local next_due = promote(Q, task_prefix, consumer, env.now, 100)
 
@@ -292,14 +295,16 @@ local function maintain(keys, args)
                 entry_id, deliveries, owner)
             else
               rows[#rows + 1] = start_entry(Q, cfg, env, ready,
-                task_prefix .. task_id, task_id, entry_id, {owner, idle_ms}, gate)
+                task_prefix .. task_id, task_id, entry_id,
+                {owner, idle_ms, deliveries}, gate)
             end
           end
         end
       end
     end
   end
-  return {lost, rows, cancel, next_due, env.now, lease}
+  return {lost, rows, cancel, next_due, env.now, lease, Q.transitions,
+    env.dead_lettered}
 end
 
 --[[
