@@ -1,12 +1,11 @@
-"""Attempts as the functions return them, outcomes, their batched recording,
-and the hand-back of an attempt whose task function is not here."""
+"""Attempts as the functions return them, outcomes, and the hand-back of an
+attempt whose task function is not here. Outcomes are recorded by
+kew/recording.py."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from kew import functions
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 
     from kew.keys import QueueKeys
 
-__all__ = ["Attempt", "FinishBatcher", "Outcome", "refuse"]
+__all__ = ["Attempt", "Outcome", "refuse"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,49 +82,6 @@ class Outcome:
     @property
     def succeeded(self) -> bool:
         return self.kind == "succeeded"
-
-
-class FinishBatcher:
-    """Records outcomes: one `finish` call for all those that arrive together.
-
-    The first outcome schedules a flush; everything handed in before the flush
-    runs (the same turn of the event loop, or while the previous call is in
-    flight) goes into one call.
-    """
-
-    def __init__(self, record: Callable[[list[Outcome]], Awaitable[list[list[str]]]]):
-        self._record = record
-        self._pending: list[tuple[Outcome, asyncio.Future[list[str]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def finish(self, outcome: Outcome) -> list[str]:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:500], self._pending[500:]
-                try:
-                    rows = await self._record([outcome for outcome, _ in batch])
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), row in zip(batch, rows, strict=True):
-                    if not future.done():
-                        future.set_result(row)
-        finally:
-            self._flusher = None
-
-    async def drain(self) -> None:
-        """Wait until every outcome handed in so far is recorded."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
 
 
 async def refuse(

@@ -38,10 +38,11 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kew.errors import ConfigurationError, ServerVersionError
+from kew.errors import ConfigurationError, KewError, ServerVersionError
 from kew.functions import guarded
 
 _Packer = Callable[[tuple[Any, ...]], bytes]
@@ -263,6 +264,16 @@ class Reconnect:
         delay = min(self._cap, self._first * 2**self._failures)
         self._failures = min(self._failures + 1, 32)
         return delay * random.uniform(0.5, 1.0)
+
+    def round_failed(self, exc: Exception) -> float:
+        """Note a failed round of a loop that carries on whatever went wrong;
+        return the seconds to wait before the next. A lost server is one
+        warning per outage (`failed`); anything else is a bug, logged with its
+        traceback each time, that still must not stop the loop for good."""
+        if isinstance(exc, KewError | rex.RedisError | OSError):
+            return self.failed(exc)
+        self._log.error("%s failed; retrying", self.what, exc_info=exc)
+        return self.failed(exc, logged=True)
 
     def succeeded(self) -> None:
         """Note a successful round, which ends an outage if there was one."""

@@ -1,4 +1,9 @@
-"""One process's consumer of one queue: fetch, run, finish, renew, reclaim.
+"""One process's consumer of one queue: its lifecycle, fetching and running.
+
+A `Consumer` runs two loops: the fetch loop here, and the lease loop
+(`Leases` in kew/leases.py: renewals, takeovers, dead letters, lost entries).
+The outcomes of the attempts it runs are recorded by its `Recorder`
+(kew/recording.py).
 
 Invariants:
 
@@ -8,20 +13,12 @@ Invariants:
   takeover claims at most as many. When there is nothing to fetch, the
   consumer waits with a plain XREAD (outside the group) for entries newer than
   those the fetch saw: waiting claims nothing.
-* Every entry this consumer holds is one of its running attempts, renewed
-  every third of the lease by `maintain`. Fetch and maintain never overlap in
-  one consumer, so maintain always knows every attempt the fetch started.
-  Entries it holds that someone else now owns are reported as lost, and their
-  local attempt is cancelled: the new owner runs the task, and this
-  consumer's outcome would be fenced anyway. So is the attempt of an entry
-  deleted from its stream while held: `maintain` logs it as `task.lost` and
-  queues the task again, to run as a new attempt.
-* Outcomes are recorded by `finish`, batched: attempts that end in the same
-  turn of the event loop share one round trip. A slot is released as soon as
-  its task function returns, so the next fetch overlaps the recording of the
-  outcome; the server may then briefly count, as processing, the attempts
-  whose outcomes are on their way besides those running (never more task
-  functions run at once than there are slots).
+* Fetch and maintain never overlap in one consumer (`exclusive`), so maintain
+  always knows every attempt the fetch started.
+* A slot is released as soon as its task function returns, so the next fetch
+  overlaps the recording of the outcome; the server may then briefly count,
+  as processing, the attempts whose outcomes are on their way besides those
+  running (never more task functions run at once than there are slots).
 * Cancellation (shutdown, or the event loop closing) never loses a task: an
   attempt that did not record its outcome stays pending under this consumer
   and is handed back (`release`) or taken over after the lease.
@@ -31,28 +28,17 @@ Invariants:
 Losing the server (a dropped connection, a restart) is survived by retrying,
 never by resending blindly:
 
-* The fetch and maintain loops start their next round after a capped,
+* The fetch loop, like the lease loop, starts its next round after a capped,
   jittered exponential backoff (`kew.connection.Reconnect`), with one warning
-  per outage. A fetch whose reply was lost leaves started attempts this
-  consumer does not know of; `maintain` makes them idle at once, so they run
-  again (a new attempt) here or elsewhere.
+  per outage. The fetch call waits one lease for its reply
+  (`Leases.call_timeout`).
 * The blocking wait is a plain XREAD that claims nothing, so a lost reply
   costs nothing; it runs under a client-side deadline (`BLOCK_MS` plus
   `READ_MARGIN`), so a half-open connection cannot stall fetching for ever.
-* The fetch, maintain and finish calls wait one lease for their reply (at
-  least `MIN_CALL_TIMEOUT`), not the general `COMMAND_TIMEOUT`: a half-open
-  connection must not stall renewals while others take over.
-* A `finish` call that fails for want of a connection is repeated with
-  backoff for up to one lease (the entry stays held and renewed meanwhile).
-  `finish` is fenced, so a repeat is harmless; when the first call was in
-  fact recorded and only its reply was lost, the repeat is refused, and the
-  task's history, which then holds this consumer's outcome of this attempt,
-  tells it apart from a real fence.
 
-Known limitations: an outage longer than a lease may let another consumer take
-over the attempts this one was running or recording, which then run again
-(at-least-once); `shutdown` abandons, after a short grace, a task function that
-ignores its cancellation (it is logged, and its entry is handed back anyway).
+Known limitations: `shutdown` abandons, after a short grace, a task function
+that ignores its cancellation (it is logged, and its entry is handed back
+anyway). For an outage longer than a lease, see kew/leases.py.
 
 Policies (retries, the breaker, due times) are decided by the functions; this
 module only waits as they say: until the breaker's reset time, until the next
@@ -63,33 +49,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions as rex
 
 from kew import functions
-from kew.attempts import Attempt, FinishBatcher, Outcome, refuse
+from kew.attempts import Attempt, Outcome, refuse
 from kew.connection import Reconnect
 from kew.errors import ConnectionFailedError, KewError
-from kew.events.models import (
-    TaskCancelled,
-    TaskFailed,
-    TaskRetryScheduled,
-    TaskSucceeded,
-)
 from kew.execution import AttemptKey, RunningFunctions, cancel_functions, run_attempt
 from kew.hooks import Hooks
-from kew.keys import LEVELS, QueueKeys
+from kew.keys import QueueKeys
+from kew.leases import Leases
 from kew.models import QueueConfig
 from kew.permits import Slots
+from kew.recording import Recorder
 from kew.registry import Registry
-from kew.status import history
 from kew.telemetry import Telemetry, internal
 
 __all__ = ["Consumer"]
@@ -105,8 +83,6 @@ CANCEL_GRACE = 1.0
 """Seconds `stop` gives cancelled attempts, and the recording of outcomes,
 before it abandons them."""
 RELEASE_TIMEOUT = 2.0
-MIN_CALL_TIMEOUT = 1.0
-"""The shortest deadline of a fetch or maintain call (see `_call_timeout`)."""
 """Seconds `stop` waits for the server to take back this consumer's entries."""
 HALF_OPEN_PAUSE = 0.25
 """How long to wait before asking again while every trial slot of a half-open
@@ -150,8 +126,12 @@ class Consumer:
         self.finishing: set[str] = set()
         """Entries whose outcome is being recorded: still held (and renewed)
         until `finish` answers, but never cancelled as lost meanwhile."""
+        self.exclusive = asyncio.Lock()
+        """Held by fetch and maintain around their call and the bookkeeping of
+        its reply, so that maintain always sees every started attempt."""
+        self.leases = Leases(self)
+        self.recorder = Recorder(self)
         self._functions: RunningFunctions = {}
-        self._batcher = FinishBatcher(self._record_surely)
         self._stopping = False
         self._stopped = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
@@ -159,16 +139,6 @@ class Consumer:
         self._read: asyncio.Future[Any] | None = None
         self._weights = config.priority_weights
         self._credit = [0, 0, 0]
-        self._next_due: float | None = None
-        """When the next deferred task or retry is due, on this process's
-        monotonic clock (converted from the server's), if known."""
-        self._wake = asyncio.Event()
-        self._exclusive = asyncio.Lock()
-        """Held by fetch and maintain around their call and the bookkeeping of
-        its reply, so that maintain always sees every started attempt."""
-        self._lease = config.lease_seconds
-        """The lease renewed within: the shorter of this process's and the
-        queue's stored one, which decides takeovers (kew/lua/40_lease.lua)."""
 
     # -- lifecycle -------------------------------------------------------
 
@@ -177,7 +147,7 @@ class Consumer:
             self._fetch_loop(), name=f"kew fetch {self.keys.queue}"
         )
         self._maintainer = asyncio.create_task(
-            self._maintain_loop(), name=f"kew maintain {self.keys.queue}"
+            self.leases.run(), name=f"kew maintain {self.keys.queue}"
         )
         logger.info("consumer %s joined queue %s", self.name, self.keys.queue)
 
@@ -186,7 +156,7 @@ class Consumer:
         `wait`), cancel the rest, and hand back whatever is still held."""
         self._stopping = True
         self._stopped.set()
-        self._wake.set()
+        self.leases.wake()
         if self._read is not None:
             self._read.cancel()
         if self._fetcher is not None:
@@ -246,7 +216,7 @@ class Consumer:
                 )
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
-                await self._batcher.drain()
+                await self.recorder.drain()
         except TimeoutError:
             logger.warning(
                 "consumer %s: outcomes on queue %s were still being recorded "
@@ -285,56 +255,26 @@ class Consumer:
         return len(self.running)
 
     @property
-    def _call_timeout(self) -> float:
-        """How long a fetch or maintain call may wait for its reply: one lease
-        (at least MIN_CALL_TIMEOUT). A renewal that has not answered within a
-        lease is too late to keep it anyway; waiting longer on a half-open
-        connection would only let other consumers take over what this one
-        runs, while it still believes it holds them. A call cut short is
-        retried with backoff, on a new connection."""
-        return max(self._lease, MIN_CALL_TIMEOUT)
+    def stopping(self) -> bool:
+        """Whether `stop` has begun: the loops end, and take nothing more."""
+        return self._stopping
 
-    def wake(self) -> None:
-        """Run `maintain` now: something may have become due sooner (a task
-        deferred from this process)."""
-        self._wake.set()
-
-    def _note_due(self, due: str, server_now: int) -> None:
-        """Remember a due time (server ms) as a local monotonic deadline."""
-        if not due:
-            return
-        at = time.monotonic() + (int(float(due)) - int(server_now)) / 1000
-        if self._next_due is None or at < self._next_due:
-            self._next_due = at
-            self._wake.set()
+    def reconnect(self, log: logging.Logger, what: str) -> Reconnect:
+        """The backoff of one of this consumer's loops, logged through `log` as
+        "consumer <name>: <what> queue <queue>" (e.g. what="fetch from")."""
+        return Reconnect(log, f"consumer {self.name}: {what} queue {self.keys.queue}")
 
     # -- fetching --------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        reconnect = self._reconnect("fetch from")
+        reconnect = self.reconnect(logger, "fetch from")
         while not self._stopping:
             try:
                 await self._fetch_once()
             except Exception as exc:
-                await self._pause(self._loop_failed(reconnect, exc))
+                await self._pause(reconnect.round_failed(exc))
             else:
                 reconnect.succeeded()
-
-    def _reconnect(self, what: str) -> Reconnect:
-        return Reconnect(
-            logger, f"consumer {self.name}: {what} queue {self.keys.queue}"
-        )
-
-    @staticmethod
-    def _loop_failed(reconnect: Reconnect, exc: Exception) -> float:
-        """Note a failed round of a loop, which then carries on after the
-        returned delay: a lost server is one warning per outage; anything
-        else is a bug, logged with its traceback each time, that still must
-        not stop the consumer for good."""
-        if isinstance(exc, KewError | rex.RedisError | OSError):
-            return reconnect.failed(exc)
-        logger.error("%s failed; retrying", reconnect.what, exc_info=exc)
-        return reconnect.failed(exc, logged=True)
 
     async def _fetch_once(self) -> None:
         await self.slots.acquire()
@@ -350,7 +290,7 @@ class Consumer:
             # Picks for every free slot; only those the fetch may use (fewer
             # while the breaker limits it) are charged, after the reply.
             args.append("".join(map(str, self._picks(list(self._credit), n))))
-        async with self._exclusive:
+        async with self.exclusive:
             try:
                 with internal():
                     reply = await functions.call(
@@ -358,7 +298,7 @@ class Consumer:
                         "fetch",
                         self.keys.queue_keys,
                         args,
-                        timeout=self._call_timeout,
+                        timeout=self.leases.call_timeout,
                     )
             except BaseException:
                 self.slots.release(n)
@@ -367,7 +307,7 @@ class Consumer:
                 tuple[list[list[str]], str, str, int, list[str], int, list[str]],
                 reply,
             )
-            self.slots.release(n - self._dispatch(rows, int(now)))
+            self.slots.release(n - self.dispatch(rows, int(now)))
         if self._weights is not None:
             self._picks(self._credit, int(allowed))
         self.telemetry.breaker_moved(self.keys.queue, moved)
@@ -449,10 +389,7 @@ class Consumer:
         """The server's time when it wrote an event (ms)."""
         return int(event_id.partition("-")[0])
 
-    def _level(self, stream: str) -> int:
-        return self.keys.ready_all.index(stream) + 1
-
-    def _dispatch(
+    def dispatch(
         self, rows: list[list[str]], server_now: int, *, taken_over: bool = False
     ) -> int:
         """Start a local run for each started attempt (started by a fetch, or
@@ -495,10 +432,10 @@ class Consumer:
             self.slots.release()
             slot_held = False
             self.finishing.add(attempt.entry)
-            row = await self._batcher.finish(outcome)
+            row = await self.recorder.finish(outcome)
             if row[0] == "ok":
                 if row[2] == "retry":
-                    self._note_due(row[3], self._server_now(row[1]))
+                    self.leases.note_due(row[3], self._server_now(row[1]))
                 else:
                     self.on_finished(self.keys.queue, attempt.task_id)
                 # A failure `finish` recorded as a cancellation (the task was
@@ -545,7 +482,7 @@ class Consumer:
                 consumer=self.name,
                 expiry_seconds=self.expiry_seconds,
                 lease_ms=int(self.config.lease_seconds * 1000),
-                timeout=self._call_timeout,
+                timeout=self.leases.call_timeout,
             )
         if state in ("failed", "cancelled"):
             self.on_finished(self.keys.queue, attempt.task_id)
@@ -568,210 +505,3 @@ class Consumer:
             hooks=self.hooks,
             functions=self._functions,
         )
-
-    async def _record_surely(self, outcomes: list[Outcome]) -> list[list[str]]:
-        """Record outcomes (`_record`), repeating the call with backoff for up
-        to one lease while the server cannot be reached. A repeat that is
-        refused because the first call was recorded after all counts as
-        recorded (see `_recorded_before`)."""
-        reconnect = self._reconnect("record outcomes on")
-        give_up = time.monotonic() + self._lease
-        repeated = False
-        while True:
-            try:
-                rows = await self._record(outcomes)
-            except ConnectionFailedError as exc:
-                delay = reconnect.failed(exc)
-                if self._stopping or time.monotonic() + delay > give_up:
-                    raise
-                repeated = True
-                await asyncio.sleep(delay)
-            else:
-                reconnect.succeeded()
-                break
-        if repeated:
-            for i, row in enumerate(rows):
-                if row[0] == "fenced":
-                    rows[i] = await self._recorded_before(outcomes[i]) or row
-
-        return rows
-
-    async def _recorded_before(self, outcome: Outcome) -> list[str] | None:
-        """The row `finish` returned for `outcome` if an earlier call recorded
-        it, found in the task's history: an outcome event of this attempt
-        written by this consumer (only its `finish` writes those); None if
-        there is none, or the history cannot be read."""
-        a = outcome.attempt
-        try:
-            with internal():
-                events = await history(self.client, self.keys, a.task_id, 100)
-        except KewError:
-            return None
-        for event in reversed(events):
-            if event.attempt != a.attempt or event.actor != self.name:
-                continue
-            match event:
-                case TaskRetryScheduled():
-                    return ["ok", event.id, "retry", str(event.due_at)]
-                case TaskSucceeded():
-                    return ["ok", event.id, "completed", ""]
-                case TaskCancelled():
-                    return ["ok", event.id, "cancelled", ""]
-                case TaskFailed():
-                    return ["ok", event.id, "failed", ""]
-                case _:
-                    continue
-        return None
-
-    async def _record(self, outcomes: list[Outcome]) -> list[list[str]]:
-        keys = list(self.keys.queue_keys)
-        args: list[str | int | float] = [
-            self.name,
-            self.expiry_seconds,
-            self.keys.finished_channel,
-        ]
-        for o in outcomes:
-            a = o.attempt
-            keys.append(self.keys.task(a.task_id))
-            args += [
-                a.task_id,
-                a.entry,
-                self._level(a.ready),
-                str(a.attempt),
-                str(a.version),
-                o.kind,
-                o.value,
-                o.data,
-                random.random(),
-            ]
-        # Suppressed: the process spans have ended, and one call records many.
-        with internal():
-            reply = await functions.call(
-                self.client, "finish", keys, args, timeout=self._call_timeout
-            )
-        rows = functions.rows(reply)
-        moved = [row[4] for row in rows if row[0] == "ok" and row[4]]
-        self.telemetry.breaker_moved(self.keys.queue, moved)
-        return rows
-
-    # -- leases ----------------------------------------------------------
-
-    async def _maintain_loop(self) -> None:
-        reconnect = self._reconnect("renew the leases on")
-        while not self._stopping:
-            try:
-                await self._maintain_once()
-            except Exception as exc:
-                failed = self._loop_failed(reconnect, exc)
-            else:
-                reconnect.succeeded()
-                failed = None
-            # A little jitter keeps many consumers from renewing in lockstep;
-            # a task due sooner than the next renewal wakes the loop earlier,
-            # and its promotion wakes every consumer waiting for an entry.
-            # After a failure the next round may come sooner, with backoff.
-            pause = self._lease / 3 * random.uniform(0.9, 1.0)
-            if failed is not None:
-                pause = min(pause, failed)
-            if self._next_due is not None:
-                pause = min(pause, max(self._next_due - time.monotonic(), 0.001))
-            self._wake.clear()
-            if self._stopping:
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._wake.wait()
-
-    async def _maintain_once(self) -> None:
-        # Under the lock: a fetch whose started attempts are not registered yet
-        # would make them look like entries this consumer does not know of.
-        async with self._exclusive:
-            room = 0 if self._stopping else self.slots.take_free()
-            try:
-                with internal():
-                    reply = await functions.call(
-                        self.client,
-                        "maintain",
-                        [*self.keys.queue_keys, self.keys.worker(self.name)],
-                        self._maintain_args(room),
-                        timeout=self._call_timeout,
-                    )
-            except BaseException:
-                self.slots.release(room)
-                raise
-            self._after_maintain(room, reply)
-
-    def _maintain_args(self, room: int) -> list[str | int]:
-        held: dict[str, list[str]] = {stream: [] for stream in self.keys.ready_all}
-        for attempt, _ in self.running.values():
-            held[attempt.ready] += [attempt.entry, attempt.task_id]
-        lease_ms = int(self.config.lease_seconds * 1000)
-        args: list[str | int] = [
-            self.name,
-            lease_ms,
-            lease_ms,
-            json.dumps({"queue": self.keys.queue, "max_workers": self.slots.total}),
-            self.keys.task_prefix,
-            room,
-            self.expiry_seconds,
-            self.keys.finished_channel,
-        ]
-        for level in LEVELS:
-            pairs = held[self.keys.ready(level)]
-            args += [len(pairs) // 2, *pairs]
-        return args
-
-    def _after_maintain(self, room: int, reply: Any) -> None:
-        lost, rows, cancel, next_due, now, lease_ms, moved, dead_lettered = cast(
-            tuple[
-                list[list[str]],
-                list[list[str]],
-                list[str],
-                str,
-                int,
-                int,
-                list[str],
-                int,
-            ],
-            reply,
-        )
-        self.telemetry.breaker_moved(self.keys.queue, moved)
-        self.telemetry.dead_letters(self.keys.queue, int(dead_lettered))
-        self._lease = min(self.config.lease_seconds, int(lease_ms) / 1000)
-        self._next_due = None
-        self._note_due(next_due, now)
-        self.slots.release(room - self._dispatch(rows, int(now), taken_over=True))
-        if lost:
-            self._forget({entry: why for entry, why in lost})
-        for task_id in cancel:
-            self.cancel(task_id)
-
-    def _forget(self, lost: dict[str, str]) -> None:
-        """Cancel the local runs of attempts whose entries this consumer no
-        longer holds: `lost` maps each such entry to 'taken over' or 'deleted'
-        (see `renew` in kew/lua/40_lease.lua)."""
-        for attempt, task in list(self.running.values()):
-            why = lost.get(attempt.entry)
-            # An entry whose outcome is being recorded is gone from the server
-            # because `finish` acknowledged it first: not lost.
-            if why is None or attempt.entry in self.finishing:
-                continue
-            if why == "deleted":
-                logger.warning(
-                    "consumer %s: the entry %s of task %r attempt %s was deleted "
-                    "from its ready stream (by hand, or a trim); logged as "
-                    "task.lost, the task is queued again; cancelling the local run",
-                    self.name,
-                    attempt.entry,
-                    attempt.task_id,
-                    attempt.attempt,
-                )
-            else:
-                logger.warning(
-                    "consumer %s lost its lease on task %r attempt %s (another "
-                    "consumer took it over); cancelling the local run",
-                    self.name,
-                    attempt.task_id,
-                    attempt.attempt,
-                )
-            task.cancel()

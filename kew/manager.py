@@ -476,7 +476,7 @@ class TaskQueueManager(Reads):
             send.submitted(reply[2::3])
         deferred = any(s.options.defer_until_ms or s.options.defer_by_ms for s in batch)
         if deferred and queue.consumer is not None:
-            queue.consumer.wake()  # so it learns the new due time at once
+            queue.consumer.leases.wake()  # so it learns the new due time at once
         infos: list[TaskInfo] = []
         for i, submission in enumerate(batch):
             self._remember(submission.task_id, keys.queue, started)

@@ -6,7 +6,7 @@ The manager samples a queue as soon as it creates or attaches it, then every
 `kew.telemetry.SAMPLE_SECONDS`, and once more as it shuts down, so that even
 a short-lived process (`kew demo`) exports its gauges. Counts (breaker
 transitions, dead letters) are not sampled: the functions report them to the
-process that caused them (kew.consumer).
+process that caused them (kew.consumer, kew.leases, kew.recording).
 """
 
 from __future__ import annotations

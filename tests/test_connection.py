@@ -19,6 +19,7 @@ import redis.exceptions as rex
 
 from kew import QueueConfig, TaskQueueManager
 from kew import consumer as consumer_module
+from kew import leases as leases_module
 from kew.connection import make_client
 from kew.consumer import Consumer
 from kew.errors import ConnectionFailedError
@@ -172,11 +173,11 @@ async def test_maintain_waits_one_lease_for_a_silent_server(
     """A maintain call on a connection that never answers fails after about a
     lease (here 0.2 s), not the 30 s general command deadline: renewals are
     not stalled while other consumers take over."""
-    monkeypatch.setattr(consumer_module, "MIN_CALL_TIMEOUT", 0.1)
+    monkeypatch.setattr(leases_module, "MIN_CALL_TIMEOUT", 0.1)
     consumer = _consumer(silent.url, lease=0.2)
     try:
         with pytest.raises(ConnectionFailedError, match=r"within 0\.2s"):
-            await asyncio.wait_for(consumer._maintain_once(), DEADLINE)
+            await asyncio.wait_for(consumer.leases._maintain_once(), DEADLINE)
         await eventually(lambda: silent.commands == ["FCALL"], what="the FCALL")
     finally:
         await consumer.client.aclose()

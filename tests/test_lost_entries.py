@@ -104,7 +104,7 @@ async def test_an_entry_deleted_under_a_live_consumer_is_run_again(
     await manager.submit_task("t", "q", "lost.work")
     entry = await _running_entry(manager, client, keys, "t")
 
-    with caplog.at_level(logging.WARNING, logger="kew.consumer"):
+    with caplog.at_level(logging.WARNING, logger="kew.leases"):
         assert await client.xdel(keys.ready("medium"), entry) == 1
         info = await manager.wait_for_task("t", TAKEOVER)
 

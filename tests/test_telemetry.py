@@ -471,7 +471,7 @@ async def test_reading_back_an_outcome_recorded_before_is_suppressed(
     assert consumer is not None
 
     before = len(commands.of("history"))
-    row = await consumer._recorded_before(  # pyright: ignore[reportPrivateUsage]
+    row = await consumer.recorder._recorded_before(  # pyright: ignore[reportPrivateUsage]
         Outcome(attempt, "succeeded", "1", "{}")
     )
     assert row == ["ok", succeeded.id, "completed", ""]

@@ -133,7 +133,7 @@ async def workload(url: str) -> TaskQueueManager:
     consumer = other._queues["q"].consumer
     assert consumer is not None
     consumer._stopping = True
-    consumer._wake.set()
+    consumer.leases.wake()
     third = TaskQueueManager(redis_url=url, key_prefix="golden", registry=_finishing())
     await third.initialize()
     await third.attach_queue("q")
