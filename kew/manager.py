@@ -8,7 +8,6 @@ runs tasks of its queues in this event loop through one consumer per queue.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -22,7 +21,7 @@ import redis.asyncio as aioredis
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from kew import functions
+from kew import directory, functions
 from kew.attempts import Attempt
 from kew.audit import Archive, RetentionReport, apply_retention, import_lines
 from kew.closing import LoopGuard
@@ -38,18 +37,15 @@ from kew.errors import (
     ConfigurationError,
     KewError,
     QueueAlreadyExistsError,
-    QueueNotFoundError,
     TaskNotFoundError,
 )
 from kew.events.models import entry_time
-from kew.functions import guarded
 from kew.hooks import Hook, Hooks
 from kew.keys import (
     DEFAULT_PREFIX,
     PREFIX_ENV,
     QueueKeys,
     check_prefix,
-    queue_directory,
 )
 from kew.models import QueueConfig, TaskInfo, TaskStatus
 from kew.permits import Permits, SharedCapacity, Slots
@@ -290,23 +286,7 @@ class TaskQueueManager(Reads):
             )
         client = self.client
         keys = QueueKeys(self.key_prefix, config.name)
-        stored = config.to_stored()
-        encoded = json.dumps(stored, sort_keys=True)
-        fields: list[str] = []
-        for name, value in stored.items():
-            fields += [name, "" if value is None else str(value)]
-        outcome = await functions.call(
-            client,
-            "create_queue",
-            keys.queue_keys,
-            [self.identity, encoded, *fields],
-        )
-        # The directory is one key for all queues, outside this queue's hash
-        # tag (and Cluster slot), so the function cannot write it; it only
-        # lists names, and every create_queue writes it again.
-        await guarded(
-            client.hset(queue_directory(self.key_prefix), config.name, encoded)
-        )
+        outcome = await directory.create_queue(client, keys, config, self.identity)
         queue = QueueHandle(config, keys)
         self._queues[config.name] = queue
         logger.info("queue %s %s", config.name, outcome)
@@ -361,16 +341,8 @@ class TaskQueueManager(Reads):
         queue = self._queues.get(name)
         if queue is not None:
             return queue
-        stored = await guarded(self.client.hget(queue_directory(self.key_prefix), name))
-        if stored is None:
-            raise QueueNotFoundError(
-                f"Queue {name!r} does not exist under prefix {self.key_prefix!r}: "
-                "create it first with create_queue(QueueConfig(name=...))."
-            )
-        queue = QueueHandle(
-            QueueConfig.from_stored(json.loads(cast(str, stored))),
-            QueueKeys(self.key_prefix, name),
-        )
+        keys = QueueKeys(self.key_prefix, name)
+        queue = QueueHandle(await directory.stored_config(self.client, keys), keys)
         self._queues[name] = queue
         return queue
 
@@ -379,8 +351,8 @@ class TaskQueueManager(Reads):
         return await self._queue_names()
 
     async def _queue_names(self) -> list[str]:
-        names = await guarded(self.client.hkeys(queue_directory(self.key_prefix)))
-        return sorted(set(cast(list[str], names)) | set(self._queues))
+        names = await directory.listed_queues(self.client, self.key_prefix)
+        return sorted(set(names) | set(self._queues))
 
     # -- tasks -----------------------------------------------------------
 
