@@ -63,15 +63,19 @@ BREAKER_EVENTS: frozenset[type[Event]] = frozenset(
 """The event types that can change the breaker; a fold skips the others."""
 
 
+_NEVER_CHANGED = BreakerState()
+"""The breaker before its first change (frozen: shared by every fold)."""
+
+
 def apply_breaker(
     breaker: BreakerState | None, event: Event, task: TaskState | None
 ) -> BreakerState | None:
     """Fold one event into the breaker. `task` is the event's task as it was
     before the event (its `trial` mark decides what a task event means here).
     Returns None while the breaker has never changed."""
-    current = breaker or BreakerState()
+    current = breaker or _NEVER_CHANGED
     after = _step(current, event, task)
-    if breaker is None and after == current:
+    if breaker is None and (after is current or after == current):
         return None
     return after
 
