@@ -62,6 +62,8 @@ async def _raw_pages(
             pending = None
             if len(entries) == page:
                 pending = asyncio.ensure_future(fetch("(" + entries[-1][0]))
+                # Let the request go out before the caller works on this page.
+                await asyncio.sleep(0)
             yield entries
     finally:
         if pending is not None:

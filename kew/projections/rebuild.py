@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import re
 import time
@@ -190,6 +189,20 @@ async def fold_queue(
     client: aioredis.Redis, keys: QueueKeys, *, end: str = "+"
 ) -> QueueFold:
     """Fold a queue's whole log (up to `end`) into its projections."""
+    folder = Folder(await _snapshot(client, keys, end))
+    # The fold keeps one state per task; a full collection rescans all of them,
+    # and with millions of tasks the collector would take half the time. The
+    # states and events hold no reference cycles, so nothing is lost by
+    # pausing it for the fold.
+    with gc_paused():
+        async for events in log.fold_pages(client, keys.log, end=end):
+            folder.feed(events)
+    return folder.result()
+
+
+async def _snapshot(
+    client: aioredis.Redis, keys: QueueKeys, end: str
+) -> Snapshot | None:
     snapshot = Snapshot.from_hash(
         cast(dict[str, str], await functions.guarded(client.hgetall(keys.snapshot)))
     )
@@ -200,15 +213,7 @@ async def fold_queue(
             "import the archive and an export of the log into an empty prefix "
             "(kew import FILE --prefix P) and ask there."
         )
-    folder = Folder(snapshot)
-    # The fold keeps one state per task; a full collection rescans all of them,
-    # and with millions of tasks the collector would take half the time. The
-    # states and events hold no reference cycles, so nothing is lost by
-    # pausing it for the fold.
-    with gc_paused():
-        async for events in log.fold_pages(client, keys.log, end=end):
-            folder.feed(events)
-    return folder.result()
+    return snapshot
 
 
 async def _stored_hashes(
@@ -287,8 +292,7 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
     A finished task whose record has expired is not a difference: expiry is
     the record's lifetime, not a disagreement with history. A task record the
     log knows nothing of is one, and so is a schedule that disagrees with the
-    due times of the deferred tasks and retries.
-    """
+    due times of the deferred tasks and retries."""
     folded = await fold_queue(client, keys)
     task_ids = list(folded.tasks)
     differences: list[Difference] = []
@@ -359,31 +363,16 @@ async def rebuild(
     so is a task record the log knows nothing of. The schedule is set to the
     due times of the deferred tasks and retries."""
     folded = await fold_queue(client, keys)
-    now_ms = int(time.time() * 1000)
-    expiry_ms = expiry_seconds * 1000
-    states = list(folded.tasks.values())
-    pending: asyncio.Future[Any] | None = None
-    for i in range(0, len(states), _CHUNK):
-        chunk = states[i : i + _CHUNK]
-        args: list[str | int] = []
-        for state in chunk:
-            ttl = 0
-            finished_at = state.finished_at
-            if finished_at is not None and state.finished and not state.dead_letter:
-                ttl = max(finished_at + expiry_ms - now_ms, -1)
-            fields = state.to_hash()
-            args += (ttl, len(fields))
-            args += itertools.chain.from_iterable(fields.items())
-        task_keys = [*keys.queue_keys, *(keys.task(s.task_id) for s in chunk)]
-        # This chunk was made while the server wrote the last one.
-        if pending is not None:
-            await pending
-        pending = asyncio.ensure_future(
-            functions.call(client, "restore", task_keys, args)
-        )
-    if pending is not None:
-        await pending
-    strays = await _stray_tasks(client, keys, folded)
+    # Task records the log knows nothing of are looked for while the folded
+    # ones are written (neither changes what the other reads).
+    looking = asyncio.ensure_future(_stray_tasks(client, keys, folded))
+    try:
+        states = list(folded.tasks.values())
+        await _restore(client, keys, states, expiry_seconds * 1000)
+    except BaseException:
+        looking.cancel()
+        raise
+    strays = await looking
     stored_schedule = await _stored_schedule(client, keys)
     schedule = folded.schedule
     # A member the fold does not know may be a task deferred while this ran:
@@ -410,6 +399,37 @@ async def rebuild(
             pipe.hset(keys.breaker, mapping=_mapping(folded.breaker.to_hash()))
         await functions.guarded(pipe.execute())
     return folded
+
+
+async def _restore(
+    client: aioredis.Redis, keys: QueueKeys, states: list[TaskState], expiry_ms: int
+) -> None:
+    """Write task states with the `restore` function, `_CHUNK` a call, the
+    server writing one chunk while the next is rendered."""
+    now_ms = int(time.time() * 1000)
+    pending: asyncio.Future[Any] | None = None
+    for i in range(0, len(states), _CHUNK):
+        chunk = states[i : i + _CHUNK]
+        args: list[str | int] = []
+        for state in chunk:
+            ttl = 0
+            finished_at = state.finished_at
+            if finished_at is not None and state.finished and not state.dead_letter:
+                ttl = max(finished_at + expiry_ms - now_ms, -1)
+            fields = state.hash_fields()
+            args += (ttl, len(fields) // 2)
+            args += fields
+        task_keys = [*keys.queue_keys, *(keys.task(s.task_id) for s in chunk)]
+        if pending is not None:
+            await pending
+        pending = asyncio.ensure_future(
+            functions.call(client, "restore", task_keys, args)
+        )
+        # Let the call go out now, before the next chunk is rendered: a task
+        # sends nothing until this one yields.
+        await asyncio.sleep(0)
+    if pending is not None:
+        await pending
 
 
 def _before(end: str, entry_id: str) -> bool:

@@ -88,11 +88,16 @@ class TaskState:
 
     def to_hash(self) -> dict[str, str]:
         """The fields of the task hash, as the Lua library writes them."""
-        return {
-            name: str(value)
-            for name, value in zip(_HASH_FIELDS, _hash_values(self), strict=True)
-            if value is not None
-        }
+        fields = self.hash_fields()
+        return dict(zip(fields[::2], fields[1::2], strict=True))
+
+    def hash_fields(self) -> list[str]:
+        """`to_hash` as a flat list: name, value, name, value, ..."""
+        fields: list[str] = []
+        for name, value in zip(_HASH_FIELDS, _hash_values(self), strict=True):
+            if value is not None:
+                fields += (name, str(value))
+        return fields
 
     @classmethod
     def from_hash(cls, task_id: str, fields: Mapping[str, str]) -> TaskState:
