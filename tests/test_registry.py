@@ -88,3 +88,31 @@ async def test_each_named_closure_runs_its_own_function(
         await manager.submit_task("three", "q", make_adder(3), 10, task_name="add-1")
     assert (await manager.wait_for_task("one", 10)).result == 11
     assert (await manager.wait_for_task("two", 10)).result == 12
+
+
+async def _only(a: int, /, b: int, c: int = 3) -> None: ...
+async def _star(a: int, *rest: int) -> None: ...
+async def _keyword(a: int, *, k: int) -> None: ...
+async def _keyword_default(a: int = 1, *, k: int = 2, **more: int) -> None: ...
+async def _nothing() -> None: ...
+
+
+@pytest.mark.parametrize("func", [_only, _star, _keyword, _keyword_default, _nothing])
+def test_checking_positional_arguments_agrees_with_binding_them(
+    func: Callable[..., Awaitable[None]],
+) -> None:
+    """The shortcut for positional arguments accepts exactly what binding
+    them to the signature accepts, for every count."""
+    function = Registry().register(func, "f")
+    for count in range(6):
+        args = tuple(range(count))
+        try:
+            function.signature.bind(*args)
+            binds = True
+        except TypeError:
+            binds = False
+        if binds:
+            function.check_arguments(args, {})
+        else:
+            with pytest.raises(TaskFunctionError, match="do not fit"):
+                function.check_arguments(args, {})
