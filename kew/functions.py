@@ -85,6 +85,16 @@ async def guarded(awaitable: Awaitable[T], timeout: float = COMMAND_TIMEOUT) -> 
         raise translate_redis_error(exc) from exc
 
 
+async def in_flight(awaitable: Awaitable[T]) -> asyncio.Future[T]:
+    """Start `awaitable` in a task of its own and let it send its request
+    before returning, so the server works on it while the caller goes on (a
+    new task sends nothing until its creator yields). Await the future for
+    the reply; cancel it if the reply is no longer wanted."""
+    future = asyncio.ensure_future(awaitable)
+    await asyncio.sleep(0)
+    return future
+
+
 async def call(
     client: Redis,
     short: str,

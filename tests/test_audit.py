@@ -398,6 +398,35 @@ async def test_verify_reports_and_rebuild_repairs_what_the_log_cannot_reach(
     assert await client.zscore(keys.sched, "later") == due
 
 
+async def test_verify_and_rebuild_read_every_chunk_of_a_large_queue(
+    make_manager: MakeManager, client: aioredis.Redis, prefix: str
+) -> None:
+    """Stored hashes are read a chunk at a time, the next chunk while this
+    one is compared: a tampered task in each chunk is found, and a rebuild
+    repairs them all."""
+    manager = await make_manager(consume=False)
+    await manager.create_queue(QueueConfig(name="q", max_size=10_000))
+    ids = [f"t{i}" for i in range(2_500)]
+    await manager.submit_tasks(
+        "q", [{"task_id": t, "task_func": ok, "args": [1]} for t in ids]
+    )
+    assert await manager.verify_projections("q") == []
+    keys = QueueKeys(prefix, "q")
+    tampered = ["t0", "t999", "t1000", "t2499"]
+    for task_id in tampered:
+        await client.hset(keys.task(task_id), "priority", "3")
+    await client.delete(keys.task("t1500"))
+
+    differences = await manager.verify_projections("q")
+    assert sorted(d.key for d in differences) == sorted(
+        f"task {t}" for t in [*tampered, "t1500"]
+    )
+    assert all(d.fields == ["priority"] for d in differences if d.key != "task t1500")
+
+    await manager.rebuild_projections("q")
+    assert await manager.verify_projections("q") == []
+
+
 async def test_as_of_follows_the_breaker_through_its_transitions(
     manager: TaskQueueManager,
 ) -> None:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from kew.events.codec import decode, decode_for_fold
 from kew.events.models import Event
-from kew.functions import guarded
+from kew.functions import guarded, in_flight
 
 __all__ = ["fold_pages", "gc_paused", "read", "read_entries", "read_pages"]
 
@@ -61,9 +61,7 @@ async def _raw_pages(
             entries = await pending
             pending = None
             if len(entries) == page:
-                pending = asyncio.ensure_future(fetch("(" + entries[-1][0]))
-                # Let the request go out before the caller works on this page.
-                await asyncio.sleep(0)
+                pending = await in_flight(fetch("(" + entries[-1][0]))
             yield entries
     finally:
         if pending is not None:

@@ -27,3 +27,17 @@ local function history(keys, args)
   end
   return events
 end
+
+--[[
+hashes: many task hashes in one call (verify reads every task of a queue).
+KEYS: task hashes
+Returns each hash's fields, flat (name, value, ...), in the order of KEYS;
+{} for a key that does not exist.
+]]
+local function hashes(keys, args)
+  local found = {}
+  for i = 1, #keys do
+    found[i] = redis.call('HGETALL', keys[i])
+  end
+  return found
+end

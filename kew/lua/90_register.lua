@@ -13,3 +13,6 @@ redis.register_function('__LIB___trim', trim)
 redis.register_function{
   function_name = '__LIB___history', callback = history, flags = {'no-writes'},
 }
+redis.register_function{
+  function_name = '__LIB___hashes', callback = hashes, flags = {'no-writes'},
+}

@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -218,15 +218,29 @@ async def _snapshot(
 
 async def _stored_hashes(
     client: aioredis.Redis, keys: QueueKeys, task_ids: list[str]
-) -> list[dict[str, str]]:
-    stored: list[dict[str, str]] = []
-    for i in range(0, len(task_ids), _CHUNK):
-        async with client.pipeline(transaction=False) as pipe:
-            for task_id in task_ids[i : i + _CHUNK]:
-                pipe.hgetall(keys.task(task_id))
-            replies = await functions.guarded(pipe.execute())
-            stored.extend(cast(list[dict[str, str]], replies))
-    return stored
+) -> AsyncIterator[tuple[list[str], list[dict[str, str]]]]:
+    """The stored hashes of tasks ({} for a task with none), `_CHUNK` tasks
+    a call, as (task ids, their hashes); the server reads the next chunk
+    while the caller works on this one."""
+
+    async def read(chunk: list[str]) -> list[list[str]]:
+        task_keys = [keys.task(task_id) for task_id in chunk]
+        reply = await functions.call(client, "hashes", task_keys, [], readonly=True)
+        return cast(list[list[str]], reply)
+
+    chunks = [task_ids[i : i + _CHUNK] for i in range(0, len(task_ids), _CHUNK)]
+    pending = await functions.in_flight(read(chunks[0])) if chunks else None
+    try:
+        for i, chunk in enumerate(chunks):
+            assert pending is not None
+            replies = await pending
+            pending = None
+            if i + 1 < len(chunks):
+                pending = await functions.in_flight(read(chunks[i + 1]))
+            yield chunk, [dict(zip(f[::2], f[1::2], strict=True)) for f in replies]
+    finally:
+        if pending is not None:
+            pending.cancel()
 
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
@@ -258,16 +272,15 @@ async def _stray_tasks(
         cursor, found = await following
     strays: dict[str, dict[str, str]] = {}
     through = folded.snapshot.through if folded.snapshot else None
-    for task_id, stored in zip(
-        unknown, await _stored_hashes(client, keys, unknown), strict=True
-    ):
-        last = stored.get("last_event")
-        if last and through and not _later(last, through):
-            continue  # its events were archived and trimmed; the record remains
-        if last and folded.last_id and _later(last, folded.last_id):
-            continue  # submitted after the fold read the log
-        if stored:
-            strays[task_id] = stored
+    async for chunk, hashes in _stored_hashes(client, keys, unknown):
+        for task_id, stored in zip(chunk, hashes, strict=True):
+            last = stored.get("last_event")
+            if last and through and not _later(last, through):
+                continue  # its events were archived and trimmed; the record remains
+            if last and folded.last_id and _later(last, folded.last_id):
+                continue  # submitted after the fold read the log
+            if stored:
+                strays[task_id] = stored
     return strays
 
 
@@ -294,18 +307,21 @@ async def verify(client: aioredis.Redis, keys: QueueKeys) -> list[Difference]:
     log knows nothing of is one, and so is a schedule that disagrees with the
     due times of the deferred tasks and retries."""
     folded = await fold_queue(client, keys)
-    task_ids = list(folded.tasks)
+    tasks = folded.tasks
     differences: list[Difference] = []
-    for task_id, stored in zip(
-        task_ids, await _stored_hashes(client, keys, task_ids), strict=True
-    ):
-        state = folded.tasks[task_id]
-        if not stored and state.finished:
-            continue
-        expected = state.to_hash()
-        fields = same_hash(stored, expected)
-        if fields:
-            differences.append(Difference(f"task {task_id}", fields, stored, expected))
+    async for chunk, hashes in _stored_hashes(client, keys, list(tasks)):
+        for task_id, stored in zip(chunk, hashes, strict=True):
+            state = tasks[task_id]
+            if not stored and state.finished:
+                continue
+            expected = state.to_hash()
+            if stored == expected:
+                continue  # the common case, without comparing field by field
+            fields = same_hash(stored, expected)
+            if fields:
+                differences.append(
+                    Difference(f"task {task_id}", fields, stored, expected)
+                )
 
     for task_id, stored in (await _stray_tasks(client, keys, folded)).items():
         fields = ["state"] if "state" in stored else sorted(stored)
@@ -422,12 +438,9 @@ async def _restore(
         task_keys = [*keys.queue_keys, *(keys.task(s.task_id) for s in chunk)]
         if pending is not None:
             await pending
-        pending = asyncio.ensure_future(
+        pending = await functions.in_flight(
             functions.call(client, "restore", task_keys, args)
         )
-        # Let the call go out now, before the next chunk is rendered: a task
-        # sends nothing until this one yields.
-        await asyncio.sleep(0)
     if pending is not None:
         await pending
 
