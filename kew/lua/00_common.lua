@@ -158,13 +158,48 @@ local function unfinished(stats)
   return n
 end
 
--- Count a task out of one state and into another.
+--[[
+What one call has read or changed, kept until its end (see `per_call`):
+`moves`, per stats hash, the net change of each state's count, written once
+at the end (a fetch of 100 tasks makes 2 HINCRBY, not 200); `breakers`, each
+breaker hash as read, so a call that records 100 outcomes reads it once (every
+change goes through breaker_write, which keeps this copy current).
+]]
+local moves, breakers = {}, {}
+
+-- Count a task out of one state and into another (written at the call's end).
 local function move(stats, from, to)
+  local m = moves[stats]
+  if not m then
+    m = {}
+    moves[stats] = m
+  end
   if from then
-    redis.call('HINCRBY', stats, from, -1)
+    m[from] = (m[from] or 0) - 1
   end
   if to then
-    redis.call('HINCRBY', stats, to, 1)
+    m[to] = (m[to] or 0) + 1
+  end
+end
+
+--[[
+Wrap a function that writes: it starts with nothing kept from an earlier call
+(one that raised an error may have left something), and its counts are written
+when it returns. Only `submit` reads counts (`unfinished`), before it moves any.
+]]
+local function per_call(fn)
+  return function(keys, args)
+    moves, breakers = {}, {}
+    local reply = fn(keys, args)
+    for stats, m in pairs(moves) do
+      for state, delta in pairs(m) do
+        if delta ~= 0 then
+          redis.call('HINCRBY', stats, state, delta)
+        end
+      end
+    end
+    moves, breakers = {}, {}
+    return reply
   end
 end
 

@@ -39,20 +39,30 @@ outcome caused them, so the log leads to the trace of the task that tripped
 carries none.
 ]]
 
+-- The breaker as this call last read or wrote it (see `breakers`). Callers
+-- change the returned table in place and then write it, or leave it as it
+-- was read.
 local function breaker_read(Q)
+  local cached = breakers[Q.breaker]
+  if cached then
+    return cached
+  end
   local b = redis.call('HMGET', Q.breaker, 'state', 'failures', 'until',
     'trials', 'version', 'last_event')
-  return {
+  cached = {
     state = b[1] or 'closed', failures = tonumber(b[2]) or 0,
     until_ms = tonumber(b[3]) or 0, trials = tonumber(b[4]) or 0,
     version = tonumber(b[5]) or 0, last_event = b[6] or '',
   }
+  breakers[Q.breaker] = cached
+  return cached
 end
 
 local function breaker_write(Q, b)
   redis.call('HSET', Q.breaker, 'state', b.state, 'failures', b.failures,
     'until', b.until_ms, 'trials', b.trials, 'version', b.version,
     'last_event', b.last_event)
+  breakers[Q.breaker] = b
 end
 
 -- Record the transition to b.state (already set): its event, and a note

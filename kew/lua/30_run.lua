@@ -145,13 +145,15 @@ local function start_entry(Q, cfg, env, ready, task, task_id, entry_id, reclaim,
   local eid = append(Q.log, 'task.started', task_id, prev, attempt, consumer, t.tp,
     data .. '}')
   version = version + 1
-  redis.call('HSET', task, 'state', 'processing', 'version', version,
-    'last_event', eid, 'attempt', attempt, 'owner', consumer,
-    'entry', entry_id, 'started_at', ms_of(eid))
-  redis.call('HSET', Q.pending, pending_field(Q, ready, entry_id), task_id)
+  local set = {'state', 'processing', 'version', version, 'last_event', eid,
+    'attempt', attempt, 'owner', consumer, 'entry', entry_id,
+    'started_at', ms_of(eid)}
   if new_trial then
-    redis.call('HSET', task, 'trial', '1')
+    set[#set + 1] = 'trial'
+    set[#set + 1] = '1'
   end
+  redis.call('HSET', task, unpack(set))
+  redis.call('HSET', Q.pending, pending_field(Q, ready, entry_id), task_id)
   local deliveries = reclaim and reclaim[3] or 1
   return {'started', task_id, entry_id, attempt, tostring(version), t.name, t.args,
     t.tp or '', ready, t.timeout_ms, deliveries}
@@ -322,13 +324,15 @@ local function finish(keys, args)
       local retry = outcome == 'failed' and retries < tonumber(t[9] or '0')
       local state, eid, due
       local transitions = #Q.transitions
+      -- The task's fields are set, and cleared, in one command each at the end.
+      local set, clear = {}, {'trial', 'cancel_requested'}
       drop_entry(Q, ready, entry_id)
       if outcome == 'succeeded' then
         state = 'completed'
         eid = append(Q.log, 'task.succeeded', task_id, t[3], attempt, consumer, tp,
           data)
-        redis.call('HSET', task, 'result', value)
-        redis.call('HDEL', task, 'error')
+        set = {'result', value}
+        clear[#clear + 1] = 'error'
         breaker_outcome(Q, cfg, consumer, now, 'succeeded', true, trial, tp)
       elseif outcome == 'cancelled' then
         state = 'cancelled'
@@ -340,7 +344,7 @@ local function finish(keys, args)
       else
         eid = append(Q.log, 'task.failed', task_id, t[3], attempt, consumer, tp,
           string.sub(data, 1, -2) .. ',"retry":' .. tostring(retry) .. '}')
-        redis.call('HSET', task, 'error', value)
+        set = {'error', value}
         breaker_outcome(Q, cfg, consumer, now, 'failed', not retry, trial, tp)
         state = 'failed'
         if retry then
@@ -351,7 +355,10 @@ local function finish(keys, args)
           due = now + delay
           eid = append(Q.log, 'task.retry_scheduled', task_id, eid, attempt,
             consumer, tp, '{"due_at":' .. due .. ',"delay_ms":' .. delay .. '}')
-          redis.call('HSET', task, 'due_at', due, 'retries', retries + 1)
+          set[#set + 1] = 'due_at'
+          set[#set + 1] = due
+          set[#set + 1] = 'retries'
+          set[#set + 1] = retries + 1
           redis.call('ZADD', Q.sched, due, task_id)
         end
       end
@@ -359,12 +366,20 @@ local function finish(keys, args)
       if retry then
         extra = 2
       end
-      redis.call('HSET', task, 'state', state, 'version',
-        tonumber(t[2]) + extra, 'last_event', eid)
-      redis.call('HDEL', task, 'trial', 'cancel_requested')
+      set[#set + 1] = 'state'
+      set[#set + 1] = state
+      set[#set + 1] = 'version'
+      set[#set + 1] = tonumber(t[2]) + extra
+      set[#set + 1] = 'last_event'
+      set[#set + 1] = eid
+      if not retry then
+        set[#set + 1] = 'finished_at'
+        set[#set + 1] = ms_of(eid)
+      end
+      redis.call('HSET', task, unpack(set))
+      redis.call('HDEL', task, unpack(clear))
       move(Q.stats, 'processing', state)
       if not retry then
-        redis.call('HSET', task, 'finished_at', ms_of(eid))
         ended(Q, task, task_id, eid, expiry, channel)
       end
       rows[#rows + 1] = {'ok', eid, state, due or '',
