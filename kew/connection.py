@@ -52,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - hiredis comes with redis[hiredis]
     hiredis_pack = None
 else:
-    hiredis_pack = cast(_Packer, hiredis.pack_command)  # pyright: ignore[reportUnknownMemberType]
+    hiredis_pack = cast(_Packer, hiredis.pack_command)
 
 __all__ = [
     "URL_ENV",

@@ -1,18 +1,19 @@
-redis.register_function('__LIB___submit', per_call(submit))
-redis.register_function('__LIB___fetch', per_call(fetch))
-redis.register_function('__LIB___finish', per_call(finish))
-redis.register_function('__LIB___maintain', per_call(maintain))
-redis.register_function('__LIB___release', per_call(release))
-redis.register_function('__LIB___refuse', per_call(refuse))
-redis.register_function('__LIB___cancel', per_call(cancel))
-redis.register_function('__LIB___create_queue', per_call(create_queue))
-redis.register_function('__LIB___prune', per_call(prune))
-redis.register_function('__LIB___requeue', per_call(requeue))
-redis.register_function('__LIB___restore', per_call(restore))
-redis.register_function('__LIB___trim', per_call(trim))
-redis.register_function{
-  function_name = '__LIB___history', callback = history, flags = {'no-writes'},
+-- (Only the `redis` API exists while a library loads: no pairs or ipairs.)
+-- The functions that write, each wrapped by per_call (see 00_common.lua).
+local writers = {
+  {'submit', submit}, {'fetch', fetch}, {'finish', finish},
+  {'maintain', maintain}, {'release', release}, {'refuse', refuse},
+  {'cancel', cancel}, {'create_queue', create_queue}, {'prune', prune},
+  {'requeue', requeue}, {'restore', restore}, {'trim', trim},
 }
-redis.register_function{
-  function_name = '__LIB___hashes', callback = hashes, flags = {'no-writes'},
-}
+for i = 1, #writers do
+  redis.register_function('__LIB___' .. writers[i][1], per_call(writers[i][2]))
+end
+-- The functions that only read (FCALL_RO).
+local readers = {{'history', history}, {'hashes', hashes}}
+for i = 1, #readers do
+  redis.register_function{
+    function_name = '__LIB___' .. readers[i][1], callback = readers[i][2],
+    flags = {'no-writes'},
+  }
+end
