@@ -117,7 +117,7 @@ class TaskQueueManager(Reads):
         trace_links_only: bool = False,
     ) -> None:
         if (
-            not isinstance(task_expiry_seconds, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+            not isinstance(task_expiry_seconds, int)
             or isinstance(task_expiry_seconds, bool)
             or task_expiry_seconds < 1
         ):
@@ -133,7 +133,7 @@ class TaskQueueManager(Reads):
         )
         self.consume = consume
         if max_concurrency is not None and (
-            not isinstance(max_concurrency, int)  # pyright: ignore[reportUnnecessaryIsInstance]
+            not isinstance(max_concurrency, int)
             or isinstance(max_concurrency, bool)
             or max_concurrency < 1
         ):
@@ -275,7 +275,7 @@ class TaskQueueManager(Reads):
     async def create_queue(self, config: QueueConfig) -> None:
         """Create the queue (or update its stored configuration) and, unless this
         manager does not consume, start running its tasks here."""
-        if not isinstance(config, QueueConfig):  # pyright: ignore[reportUnnecessaryIsInstance]
+        if not isinstance(config, QueueConfig):
             raise ConfigurationError(
                 f"create_queue expects a QueueConfig, not {config!r}."
             )

@@ -145,7 +145,7 @@ class Registry:
                 "sync function would block it)."
             )
         name = name or default_name(func)
-        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+        if not isinstance(name, str) or not name:
             raise TaskFunctionError(f"Task name {name!r} is not valid: use a string.")
         current = self._by_name.get(name)
         if current is not None and current.func is not func:

@@ -219,7 +219,7 @@ def prepare(
     if function is not None:
         function.check_arguments(args, kwargs)
     level = QueuePriority.MEDIUM if priority is None else QueuePriority.coerce(priority)
-    if task_type is not None and not isinstance(task_type, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+    if task_type is not None and not isinstance(task_type, str):
         raise ConfigurationError(f"task_type={task_type!r} is not valid: use a string.")
     kind = task_type or name.rpartition(":")[2]
 
@@ -267,7 +267,7 @@ def prepare_batch(
     registry: Registry, config: QueueConfig, tasks: list[dict[str, Any]]
 ) -> list[Submission]:
     """Validate and encode a batch; any bad task rejects the whole batch."""
-    if not isinstance(tasks, list | tuple):  # pyright: ignore[reportUnnecessaryIsInstance]
+    if not isinstance(tasks, list | tuple):
         raise ConfigurationError(
             f"submit_tasks expects a list of dicts, not {type(tasks).__name__}."
         )

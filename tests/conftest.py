@@ -114,6 +114,12 @@ async def manager(
     return await make_manager()
 
 
+async def hang() -> None:
+    """The body of a task function that runs until it is cancelled (a
+    timeout, a cancel request, a shutdown): no sleep to outlast."""
+    await asyncio.Event().wait()
+
+
 async def eventually(
     condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
     timeout: float = DEADLINE,

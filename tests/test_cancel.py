@@ -17,7 +17,7 @@ from kew.events.log import read
 from kew.keys import QueueKeys
 from kew.registry import Registry
 
-from .conftest import eventually
+from .conftest import eventually, hang
 from .workers import started_by, survivor_registry, worker_process
 
 MakeManager = Callable[..., Awaitable[TaskQueueManager]]
@@ -103,7 +103,7 @@ async def test_a_running_task_is_cancelled_cooperatively(
     async def long_job() -> None:
         started.set()
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             saw_cancel.append(True)
             raise
@@ -132,7 +132,7 @@ async def test_a_task_running_in_another_process_is_cancelled(
 
     async def long_job() -> None:
         started.set()
-        await asyncio.sleep(3600)
+        await hang()
 
     worker = await make_manager()
     await worker.create_queue(QueueConfig(name="q"))
@@ -169,7 +169,7 @@ async def test_a_task_that_ignores_cancellation_keeps_its_outcome(
     async def stubborn() -> str:
         started.set()
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             return "finished anyway"
         return "not reached"
@@ -194,7 +194,7 @@ async def test_a_cancellation_the_task_function_turns_into_an_error_still_cancel
     async def converts() -> None:
         started.set()
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             raise RuntimeError("stopped on request") from None
 

@@ -13,7 +13,7 @@ from kew.events.log import read
 from kew.keys import QueueKeys
 from kew.server import EmbeddedServer
 
-from .conftest import eventually
+from .conftest import eventually, hang
 
 MakeManager = Callable[..., Awaitable[TaskQueueManager]]
 
@@ -104,7 +104,7 @@ async def test_shutdown_hands_running_tasks_to_another_consumer(
     async def long_job() -> str:
         calls.append("run")
         started.set()
-        await asyncio.sleep(3600)
+        await hang()
         return "never"
 
     async def quick_job() -> str:

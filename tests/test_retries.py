@@ -25,7 +25,7 @@ from kew.events.log import read
 from kew.keys import QueueKeys
 from kew.registry import Registry
 
-from .conftest import eventually
+from .conftest import eventually, hang
 
 MakeManager = Callable[..., Awaitable[TaskQueueManager]]
 
@@ -183,7 +183,7 @@ async def test_a_timed_out_attempt_is_cancelled_and_counts_as_a_failure(
 
     async def slow() -> None:
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             cancelled.append(1)
             raise
@@ -213,7 +213,7 @@ async def test_a_per_task_timeout_overrides_the_queues(
         return "in time"
 
     async def hangs() -> None:
-        await asyncio.sleep(3600)
+        await hang()
 
     await manager.create_queue(QueueConfig(name="q", max_workers=2, task_timeout=0.1))
     await manager.submit_task("long", "q", waits, task_timeout=30)
@@ -241,14 +241,14 @@ async def test_a_timeout_the_task_function_swallows_is_still_a_failure(
 
     async def stubborn() -> str:
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             return "I ignore timeouts"
         return "never"
 
     async def converts() -> str:
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             raise RuntimeError("interrupted") from None
         return "never"
@@ -354,7 +354,7 @@ async def test_an_attempt_handed_back_at_shutdown_uses_up_no_retry(
 
     async def hangs() -> None:
         started.set()
-        await asyncio.sleep(3600)
+        await hang()
 
     first_registry = Registry()
     first_registry.register(hangs, "tests.handed_back")
@@ -393,7 +393,7 @@ async def test_a_cancellation_turned_into_an_error_at_shutdown_is_handed_back(
     async def converts() -> str:
         started.set()
         try:
-            await asyncio.sleep(3600)
+            await hang()
         except asyncio.CancelledError:
             raise RuntimeError("interrupted") from None
         return "never"
