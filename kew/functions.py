@@ -91,7 +91,11 @@ async def in_flight(awaitable: Awaitable[T]) -> asyncio.Future[T]:
     new task sends nothing until its creator yields). Await the future for
     the reply; cancel it if the reply is no longer wanted."""
     future = asyncio.ensure_future(awaitable)
-    await asyncio.sleep(0)
+    try:
+        await asyncio.sleep(0)
+    except BaseException:  # cancelled meanwhile: nobody will await it
+        future.cancel()
+        raise
     return future
 
 
