@@ -186,6 +186,9 @@ end
 Wrap a function that writes: it starts with nothing kept from an earlier call
 (one that raised an error may have left something), and its counts are written
 when it returns. Only `submit` reads counts (`unfinished`), before it moves any.
+A call that raises an error loses its count changes while its other writes
+stand; only a bug in this library raises after the first write (every check
+runs first), and `verify` then reports the counts and `rebuild` repairs them.
 ]]
 local function per_call(fn)
   return function(keys, args)
