@@ -197,7 +197,7 @@ OWNER = textwrap.dedent(
         if kind == "fail":
             raise RuntimeError("down")
         print("trial started", flush=True)
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until killed or cancelled
         return "never"
 
     async def main():
@@ -206,7 +206,7 @@ OWNER = textwrap.dedent(
                 name="q", circuit_breaker_max_failures=1,
                 circuit_breaker_reset_timeout=0.3, lease_seconds=0.6))
             print("ready", flush=True)
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until killed or cancelled
 
     asyncio.run(main())
     """

@@ -191,7 +191,7 @@ EMBEDDED_OWNER = textwrap.dedent(
         manager = TaskQueueManager()
         await manager.initialize()
         print(manager._server.pid, flush=True)
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until killed or cancelled
 
     asyncio.run(main())
     """

@@ -40,7 +40,7 @@ TASKS = textwrap.dedent(
 
     @kew.task(name="edge.hang")
     async def hang() -> str:
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until killed or cancelled
         return "never"
 
 
